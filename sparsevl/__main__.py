@@ -1,0 +1,3 @@
+from sparsevl.cli import main
+
+raise SystemExit(main())
