@@ -22,3 +22,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small built-in benchmark data set, generated once per test session."""
+    from sparsevl.data.shapes import generate_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes_dataset(out, num_train=64, num_test=16, image_size=64, grid=4, min_objects=1, max_objects=6,
+                            qa_per_image=3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_tokenizer(shapes_dir, tmp_path_factory):
+    """A tokenizer trained on the small data set, saved to disk (its directory is `tokenizer.name_or_path`)."""
+    from sparsevl.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, texts_from_llava_json
+
+    tokenizer = build_tokenizer(texts_from_llava_json([shapes_dir / "captions.json", shapes_dir / "finetune.json"]))
+    directory = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(tokenizer, directory)
+    return load_tokenizer(directory)

@@ -1,0 +1,138 @@
+"""Typed arguments for every command that builds or trains a model.
+
+Flags follow LLaVA's names where LLaVA has one. A YAML file (`--config FILE`) supplies defaults that
+flags override; YAML values go through the same argparse path as flags, so types are converted alike.
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="tiny-qwen3", metadata={"help": (
+        "The LLM: a preset (tiny-qwen3, tiny-llama, mid-llama, mid-qwen3), a local transformers checkpoint "
+        "directory, or a sparsevl checkpoint directory to continue from (then vision tower and projector load too).")})
+    vision_tower: str = field(default="tiny-clip", metadata={"help": (
+        "Vision encoder: a preset (tiny-clip, tiny-clip16, tiny-siglip, mid-clip) or a local CLIP/SigLIP directory.")})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": (
+        "Tokenizer directory; default: the checkpoint's own (for presets this flag is required).")})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "Projector: linear or mlp2x_gelu."})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision layer whose features are projected."})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": (
+        "patch: patch tokens only (drop CLIP's [CLS]); cls_patch: keep [CLS] too.")})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Train only the projector (LLaVA pretrain)."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM; train the projector."})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": (
+        "Also train the vision tower (needed when it starts from random weights).")})
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM (merged on save)."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON file of conversations."})
+    image_folder: str | None = field(default=None, metadata={"help": (
+        "Folder that record `image` paths are relative to; default: the JSON file's folder.")})
+    conversation_template: str = field(default="chat", metadata={"help": (
+        "plain: image + answer only (LLaVA pretrain, `--version plain`); chat: USER/ASSISTANT turns.")})
+    model_max_length: int = field(default=512, metadata={"help": (
+        "Longest sequence in tokens, visual tokens included; longer text is truncated, image tokens never split.")})
+    skip_bad_samples: bool = field(default=False, metadata={"help": (
+        "Skip (and count) malformed records instead of stopping with an error.")})
+
+
+@dataclass
+class SparseVLTrainingArguments(TrainingArguments):
+    stage: str = field(default="finetune", metadata={"help": (
+        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template) or finetune.")})
+    output_dir: str = field(default="runs/train", metadata={"help": "Where checkpoints and logs go."})
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Loggers (tensorboard, none)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N step checkpoints."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup steps (a float < 1 is a ratio of all steps)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key (our collator's)."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer."})
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (GPU only)."})
+    moe_load_balancing_weight: float = field(default=0.01, metadata={"help": "Weight of MoE balance losses."})
+
+
+# Each stage's recipe: flag defaults applied before YAML and command-line flags.
+STAGE_DEFAULTS: dict[str, dict] = {
+    "pretrain": {"tune_mm_mlp_adapter": True, "conversation_template": "plain"},
+    "finetune": {},
+}
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, SparseVLTrainingArguments)
+
+
+def yaml_to_flags(path: str | Path) -> list[str]:
+    """Turn a flat YAML mapping into `--key value` flags (lists become repeated values)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SystemExit(f"config {path}: cannot read YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"config {path}: expected a mapping of flag names to values")
+    return _dict_to_flags(values)
+
+
+def _dict_to_flags(values: dict) -> list[str]:
+    flags = []
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        flags += [f"--{key}", *[json.dumps(v) if isinstance(v, dict) else str(v) for v in items]]
+    return flags
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    for i, token in enumerate(argv):
+        if token == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(name + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def parse_train_args(argv: list[str] | None = None):
+    """Parse (model, data, training) arguments: stage recipe, then YAML `--config`, then flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = _pop_option(argv, "--config")
+    argv = _without_option(argv, "--config")
+    yaml_flags = yaml_to_flags(config_path) if config_path else []
+    stage = _pop_option(argv, "--stage") or _pop_option(yaml_flags, "--stage") or "finetune"
+    if stage not in STAGE_DEFAULTS:
+        raise SystemExit(f"--stage {stage!r} is unknown; choose from: {', '.join(STAGE_DEFAULTS)}")
+    full_argv = _dict_to_flags(STAGE_DEFAULTS[stage]) + yaml_flags + argv
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    return parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == name:
+            skip = True
+        elif not token.startswith(name + "="):
+            out.append(token)
+    return out
+
+
+def resolved_config(*arguments) -> dict:
+    """All argument dataclasses as one JSON-ready dict (saved beside every checkpoint)."""
+    merged = {}
+    for args in arguments:
+        values = args.to_dict() if isinstance(args, TrainingArguments) else asdict(args)
+        merged[type(args).__name__] = values
+    return merged

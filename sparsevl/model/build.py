@@ -1,0 +1,200 @@
+"""Build a SparseVLM from arguments (presets or local checkpoints), set what trains, save and load.
+
+Checkpoint layout (a directory): `sparsevl_config.json` (model arguments + LLM and vision configs),
+`model.safetensors` (all weights; LoRA merged), tokenizer files and `preprocessor_config.json`.
+"""
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, CLIPImageProcessorPil, \
+    SiglipImageProcessorPil
+
+from sparsevl.config import ModelArguments
+from sparsevl.model import presets
+from sparsevl.model.projectors import build_projector
+from sparsevl.model.vision import VisionTower, vision_encoder_class
+from sparsevl.model.vlm import SparseVLM
+
+CONFIG_NAME = "sparsevl_config.json"
+WEIGHTS_NAME = "model.safetensors"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def _check_local_dir(path: str, flag: str, preset_names: list[str]) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ValueError(f"{flag} {path!r} is neither a preset ({', '.join(preset_names)}) nor a local directory")
+    return directory
+
+
+def build_llm(name_or_path: str, *, vocab_size: int) -> nn.Module:
+    """A causal LM from a preset (random weights) or a local transformers checkpoint, in fp32."""
+    if name_or_path in presets.llm_preset_names():
+        return AutoModelForCausalLM.from_config(presets.llm_preset_config(name_or_path, vocab_size=vocab_size))
+    directory = _check_local_dir(name_or_path, "--model_name_or_path", presets.llm_preset_names())
+    llm = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    if llm.get_input_embeddings().num_embeddings < vocab_size:
+        llm.resize_token_embeddings(vocab_size)
+    return llm
+
+
+def build_vision_encoder(name_or_path: str) -> nn.Module:
+    """A CLIP/SigLIP vision encoder from a preset or a local directory (full CLIP models are accepted)."""
+    if name_or_path in presets.vision_preset_names():
+        config = presets.vision_preset_config(name_or_path)
+        return vision_encoder_class(config.model_type)(config)
+    directory = _check_local_dir(name_or_path, "--vision_tower", presets.vision_preset_names())
+    model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
+    return vision_encoder_class(model_type).from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+
+
+def build_image_processor(name_or_path: str, vision_config):
+    """transformers' PIL image processor: the checkpoint's own, or CLIP/SigLIP defaults sized for a preset."""
+    if not presets.is_preset(name_or_path) and (Path(name_or_path) / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(name_or_path, local_files_only=True)
+    size = vision_config.image_size
+    if vision_config.model_type.startswith("siglip"):
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                 image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+
+
+def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -> SparseVLM:
+    """Fresh model from arguments (presets get random weights)."""
+    encoder = build_vision_encoder(args.vision_tower)
+    vision_tower = VisionTower(encoder=encoder, select_layer=args.mm_vision_select_layer,
+                               select_feature=args.mm_vision_select_feature)
+    llm = build_llm(args.model_name_or_path, vocab_size=vocab_size)
+    projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
+                                llm_dim=llm.config.hidden_size)
+    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
+
+
+def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
+    """Set requires_grad per training mode (wrapping the LLM with LoRA if asked); return the mode's name."""
+    model.requires_grad_(False)
+    if args.tune_mm_mlp_adapter:
+        mode = "projector"
+    elif args.lora_enable:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=LORA_TARGETS)
+        model.llm = get_peft_model(model.llm, lora)  # marks only lora_* parameters trainable
+        mode = "lora"
+    elif args.freeze_backbone:
+        mode = "frozen_backbone"
+    else:
+        model.llm.requires_grad_(True)
+        mode = "full"
+    model.projector.requires_grad_(True)
+    if args.unfreeze_mm_vision_tower and mode != "projector":
+        model.vision_tower.requires_grad_(True)
+        mode += "+vision"
+    return mode
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def plain_state_dict(model: SparseVLM) -> dict[str, torch.Tensor]:
+    """State dict with LoRA folded into the base weights and PEFT's name wrapping removed."""
+    is_peft = hasattr(model.llm, "merge_adapter")
+    if is_peft:
+        model.llm.merge_adapter()
+    try:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if "lora_" in name:
+                continue
+            plain_name = name.replace("llm.base_model.model.", "llm.").replace(".base_layer.", ".")
+            state[plain_name] = tensor.detach().clone() if is_peft else tensor.detach()  # unmerge would alter it
+    finally:
+        if is_peft:
+            model.llm.unmerge_adapter()
+    return state
+
+
+def save_checkpoint(model: SparseVLM, out_dir: str | Path, *, model_args: ModelArguments,
+                    tokenizer=None, image_processor=None) -> Path:
+    """Write config JSON + safetensors (+ tokenizer and image processor) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    arch_args = {**asdict(model_args), "lora_enable": False}  # LoRA is merged: reload as a plain model
+    config = {"model_args": arch_args, "llm_config": llm.config.to_dict(),
+              "vision_config": model.vision_tower.config.to_dict(), "image_token_id": model.image_token_id}
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+    state, aliases = _split_shared(plain_state_dict(model))
+    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / WEIGHTS_NAME,
+              metadata={"aliases": json.dumps(aliases)})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if image_processor is not None:
+        image_processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
+    """Rebuild the model from `sparsevl_config.json` and load `model.safetensors` (strict)."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise ValueError(f"{path} is not a sparsevl checkpoint (no {CONFIG_NAME})")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    known = {f.name for f in fields(ModelArguments)}
+    model_args = ModelArguments(**{k: v for k, v in config["model_args"].items() if k in known})
+    llm_config = _config_from_dict(config["llm_config"])
+    vision_config = _config_from_dict(config["vision_config"])
+    encoder = vision_encoder_class(vision_config.model_type)(vision_config)
+    vision_tower = VisionTower(encoder=encoder, select_layer=model_args.mm_vision_select_layer,
+                               select_feature=model_args.mm_vision_select_feature)
+    llm = AutoModelForCausalLM.from_config(llm_config)
+    projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
+                                llm_dim=llm_config.hidden_size)
+    model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm,
+                      image_token_id=config["image_token_id"])
+    model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
+    return model, model_args
+
+
+def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by save_checkpoint, restoring tied (aliased) tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(file))
+    for alias, original in aliases.items():
+        state[alias] = state[original]
+    return state
+
+
+def _split_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses shared storage: keep one name per storage, record the others as aliases."""
+    first_by_pointer, unique, aliases = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in first_by_pointer:
+            aliases[name] = first_by_pointer[key]
+        else:
+            first_by_pointer[key] = name
+            unique[name] = tensor
+    return unique, aliases
+
+
+def _config_from_dict(values: dict):
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **values)

@@ -1,0 +1,185 @@
+"""The LLaVA-style model: vision tower -> projector -> merge into text embeddings -> causal LM -> logits.
+
+Text arrives with one `<image>` placeholder token per image; `prepare_inputs` replaces each placeholder
+by that image's projected tokens, so the number of visual tokens may differ per model (pruning before
+the LLM, Q-Former) without the data pipeline knowing.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from sparsevl.model.vision import VisionTower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MultimodalInputs:
+    """Merged, padded inputs for the LLM; all tensors (batch, seq[, dim])."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+    image_mask: torch.Tensor  # True where the token is a visual token
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # (batch, seq, vocab)
+    losses: dict[str, torch.Tensor]  # named losses: "lm" plus the projector's auxiliary ones
+    inputs: MultimodalInputs
+
+
+class SparseVLM(nn.Module):
+    """Vision tower + projector + any transformers causal LM."""
+
+    def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image entering the LLM (the projector may change the vision tower's count)."""
+        return getattr(self.projector, "num_output_tokens", None) or self.vision_tower.num_output_tokens
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(images, channels, height, width) -> projected visual tokens (images, tokens, llm_dim), aux losses."""
+        features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
+        return self.projector(features)
+
+    def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       *, padding_side: str = "right") -> tuple[MultimodalInputs, dict[str, torch.Tensor]]:
+        """Replace every `<image>` placeholder by its image's tokens and re-pad the batch."""
+        if pixel_values is not None and len(pixel_values) > 0:
+            image_embeds, aux_losses = self.encode_images(pixel_values)
+        else:
+            image_embeds, aux_losses = None, {}
+        text_embeds = self.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
+        rows, next_image = [], 0
+        for i in range(input_ids.shape[0]):
+            keep = attention_mask[i].bool()
+            row_labels = labels[i][keep] if labels is not None else None
+            row, next_image = self._merge_row(input_ids[i][keep], text_embeds[i][keep], row_labels,
+                                              image_embeds, next_image)
+            rows.append(row)
+        num_images = 0 if image_embeds is None else image_embeds.shape[0]
+        if next_image != num_images:
+            raise ValueError(f"the batch has {num_images} images but {next_image} {'<image>'} placeholders")
+        return _pad_rows(rows, padding_side, with_labels=labels is not None), aux_losses
+
+    def _merge_row(self, ids, embeds, row_labels, image_embeds, next_image):
+        """One sample: splice image tokens in at each placeholder. Returns (pieces dict, next image index)."""
+        positions = (ids == self.image_token_id).nonzero().flatten().tolist()
+        if positions and (image_embeds is None or next_image + len(positions) > image_embeds.shape[0]):
+            have = 0 if image_embeds is None else image_embeds.shape[0]
+            raise ValueError(f"text has more {'<image>'} placeholders than the {have} images given")
+        embed_parts, label_parts, image_parts, start = [], [], [], 0
+        for pos in positions:
+            image = image_embeds[next_image]  # (tokens, dim)
+            next_image += 1
+            embed_parts += [embeds[start:pos], image.to(embeds.dtype)]
+            image_parts += [torch.zeros(pos - start, dtype=torch.bool), torch.ones(len(image), dtype=torch.bool)]
+            if row_labels is not None:
+                label_parts += [row_labels[start:pos], row_labels.new_full((len(image),), IGNORE_INDEX)]
+            start = pos + 1
+        embed_parts.append(embeds[start:])
+        image_parts.append(torch.zeros(len(ids) - start, dtype=torch.bool))
+        if row_labels is not None:
+            label_parts.append(row_labels[start:])
+        row = {"embeds": torch.cat(embed_parts), "image_mask": torch.cat(image_parts).to(ids.device),
+               "labels": torch.cat(label_parts) if row_labels is not None else None}
+        return row, next_image
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
+        logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False).logits
+        if inputs.labels is not None:
+            losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
+        return VLMOutput(logits=logits, losses=losses, inputs=inputs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                 *, max_new_tokens: int = 16, eos_token_id: int, use_cache: bool = True,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Greedy (temperature 0) or sampled decoding; returns each sample's new tokens, eos excluded."""
+        inputs, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values, padding_side="left")
+        embeds, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
+        cache = DynamicCache() if use_cache else None
+        step_embeds, step_positions = embeds, positions
+        new_tokens = torch.empty(len(embeds), 0, dtype=torch.long, device=embeds.device)
+        finished = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        for _ in range(max_new_tokens):
+            logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                              past_key_values=cache, use_cache=use_cache).logits[:, -1]
+            token = _next_token(logits, temperature, generator)
+            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+            new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
+            finished |= token == eos_token_id
+            if finished.all():
+                break
+            token_embeds = self.llm.get_input_embeddings()(token[:, None])
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            next_positions = positions[:, -1:] + 1
+            positions = torch.cat([positions, next_positions], dim=1)
+            if use_cache:
+                step_embeds, step_positions = token_embeds, next_positions
+            else:
+                embeds = torch.cat([embeds, token_embeds], dim=1)
+                step_embeds, step_positions = embeds, positions
+        return [_until_eos(row, eos_token_id) for row in new_tokens.tolist()]
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.vision_tower.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions (0 when none is labelled)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq-1), vocab)
+    shift_labels = labels[:, 1:].reshape(-1)
+    if (shift_labels != IGNORE_INDEX).sum() == 0:
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def _pad_rows(rows: list[dict], padding_side: str, *, with_labels: bool) -> MultimodalInputs:
+    batch, max_len = len(rows), max(len(r["embeds"]) for r in rows)
+    dim, ref = rows[0]["embeds"].shape[-1], rows[0]["embeds"]
+    embeds = ref.new_zeros(batch, max_len, dim)
+    mask = torch.zeros(batch, max_len, dtype=torch.long, device=ref.device)
+    positions = torch.zeros(batch, max_len, dtype=torch.long, device=ref.device)
+    image_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=ref.device)
+    labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.long, device=ref.device) if with_labels else None
+    for i, row in enumerate(rows):
+        length = len(row["embeds"])
+        span = slice(max_len - length, max_len) if padding_side == "left" else slice(0, length)
+        embeds[i, span] = row["embeds"]
+        mask[i, span] = 1
+        positions[i, span] = torch.arange(length, device=ref.device)
+        image_mask[i, span] = row["image_mask"]
+        if with_labels:
+            labels[i, span] = row["labels"]
+    return MultimodalInputs(embeds, mask, positions, labels, image_mask)
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens

@@ -1,0 +1,86 @@
+"""The training recipe: build or load the model, set what trains, train, save. Used by `sparsevl train`."""
+
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+from transformers import AutoImageProcessor, set_seed
+
+from sparsevl.config import DataArguments, ModelArguments, SparseVLTrainingArguments, resolved_config
+from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
+from sparsevl.data.tokenizer import add_image_token, load_tokenizer
+from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
+                                  is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer
+
+logger = logging.getLogger(__name__)
+
+# Arguments that fix the architecture: a checkpoint's values win over the command line's.
+ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature")
+
+
+def load_model_and_processors(model_args: ModelArguments):
+    """(model, tokenizer, image_processor, model_args) from a sparsevl checkpoint or from presets/local dirs."""
+    source = model_args.model_name_or_path
+    tokenizer_path = model_args.tokenizer_name_or_path or source
+    if not Path(tokenizer_path).is_dir():
+        raise ValueError(f"--tokenizer_name_or_path is needed: {tokenizer_path!r} is not a tokenizer directory")
+    tokenizer = load_tokenizer(tokenizer_path)
+    image_token_id = add_image_token(tokenizer)
+    if is_checkpoint(source):
+        model, saved = load_checkpoint(source)
+        model_args = _with_architecture_of(model_args, saved)
+        image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
+        if model.image_token_id != image_token_id:
+            raise ValueError(f"tokenizer {tokenizer_path} maps <image> to {image_token_id}, but checkpoint "
+                             f"{source} was trained with {model.image_token_id}")
+    else:
+        model = build_model(model_args, vocab_size=len(tokenizer), image_token_id=image_token_id)
+        image_processor = build_image_processor(model_args.vision_tower, model.vision_tower.config)
+    return model, tokenizer, image_processor, model_args
+
+
+def _with_architecture_of(current: ModelArguments, saved: ModelArguments) -> ModelArguments:
+    values = {f.name: getattr(current, f.name) for f in fields(ModelArguments)}
+    values.update({name: getattr(saved, name) for name in ARCHITECTURE_FIELDS})
+    return ModelArguments(**values)
+
+
+def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
+    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight}
+
+
+def describe_parameters(model, mode: str) -> str:
+    trainable, total = count_parameters(model)
+    return (f"training mode {mode}: trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: SparseVLTrainingArguments) -> Path:
+    """Run one training stage; returns the directory of the final checkpoint."""
+    if not data_args.data_path:
+        raise ValueError("--data_path is required")
+    set_seed(training_args.seed)
+    model, tokenizer, image_processor, model_args = load_model_and_processors(model_args)
+    mode = configure_trainable(model, model_args)
+    print(describe_parameters(model, mode), flush=True)
+    dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
+                               image_folder=data_args.image_folder, template=data_args.conversation_template,
+                               max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
+                               skip_bad_samples=data_args.skip_bad_samples)
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} bad record(s) of {data_args.data_path}", flush=True)
+    trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
+                              data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                              callbacks=[BestCheckpointCallback()], loss_weights=loss_weights(training_args),
+                              model_args=model_args, image_processor=image_processor)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
+        config = resolved_config(model_args, data_args, training_args)
+        config["skipped_records"] = dataset.skipped
+        (out_dir / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    return out_dir

@@ -1,0 +1,40 @@
+"""Small builders shared by tests: tiny real architectures with random (seeded) weights."""
+
+import torch
+
+from sparsevl.config import ModelArguments
+from sparsevl.model.build import build_model
+
+VOCAB_SIZE = 64
+IMAGE_TOKEN_ID = 63
+PAD_ID = 0
+EOS_ID = 1
+
+
+def make_model(llm: str = "tiny-llama", vision: str = "tiny-clip", projector: str = "mlp2x_gelu",
+               seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    args = ModelArguments(model_name_or_path=llm, vision_tower=vision, mm_projector_type=projector, **overrides)
+    return build_model(args, vocab_size=VOCAB_SIZE, image_token_id=IMAGE_TOKEN_ID).eval(), args
+
+
+def random_pixels(num_images: int, size: int = 64, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_images, 3, size, size, generator=generator)
+
+
+def prompt_with_image(length: int, image_at: int = 1, seed: int = 2) -> list[int]:
+    generator = torch.Generator().manual_seed(seed + length)
+    ids = torch.randint(2, IMAGE_TOKEN_ID, (length,), generator=generator).tolist()
+    ids[image_at] = IMAGE_TOKEN_ID
+    return ids
+
+
+def right_padded(rows: list[list[int]], pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, rows))
+    ids = torch.full((len(rows), longest), pad)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
