@@ -156,18 +156,22 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
     config = json.loads((path / CONFIG_NAME).read_text())
     known = {f.name for f in fields(ModelArguments)}
     model_args = ModelArguments(**{k: v for k, v in config["model_args"].items() if k in known})
-    llm_config = _config_from_dict(config["llm_config"])
-    vision_config = _config_from_dict(config["vision_config"])
+    model = assemble_model(model_args, llm_config=_config_from_dict(config["llm_config"]),
+                           vision_config=_config_from_dict(config["vision_config"]),
+                           image_token_id=config["image_token_id"])
+    model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
+    return model, model_args
+
+
+def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, image_token_id: int) -> SparseVLM:
+    """A SparseVLM with random weights shaped by saved configs (weights are loaded by the caller)."""
     encoder = vision_encoder_class(vision_config.model_type)(vision_config)
     vision_tower = VisionTower(encoder=encoder, select_layer=model_args.mm_vision_select_layer,
                                select_feature=model_args.mm_vision_select_feature)
     llm = AutoModelForCausalLM.from_config(llm_config)
     projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm_config.hidden_size)
-    model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm,
-                      image_token_id=config["image_token_id"])
-    model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
-    return model, model_args
+    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
 
 
 def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
