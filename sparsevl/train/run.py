@@ -11,7 +11,7 @@ from sparsevl.config import DataArguments, ModelArguments, SparseVLTrainingArgum
 from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
-                                  is_checkpoint, load_checkpoint, save_checkpoint)
+                                  is_checkpoint, load_checkpoint)
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
                               model_args=model_args, image_processor=image_processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     out_dir = Path(training_args.output_dir)
+    trainer.save_model(str(out_dir))  # every process calls it (DeepSpeed gathers); only rank 0 writes
     if trainer.is_world_process_zero():
-        save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
         config = resolved_config(model_args, data_args, training_args)
         config["skipped_records"] = dataset.skipped
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.accelerator.wait_for_everyone()  # no process returns before rank 0 has written the model
     return out_dir

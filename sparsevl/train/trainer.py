@@ -1,5 +1,6 @@
 """The one Trainer of the project: sums the model's named losses with their weights and logs each."""
 
+import contextlib
 import json
 import shutil
 from collections import defaultdict
@@ -9,6 +10,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sparsevl.model.build import save_checkpoint
+from sparsevl.model.vlm import IGNORE_INDEX
 
 BEST_DIR = "best-checkpoint"
 
@@ -21,6 +23,22 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     return sum(weights[name] * value for name, value in losses.items())
 
 
+def labelled_tokens(labels: torch.Tensor | None) -> int:
+    """Positions the causal LM loss is taken over (labels shifted by one)."""
+    return 0 if labels is None else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def global_batch_share(losses: dict[str, torch.Tensor], num_tokens: int, num_items_in_batch, *,
+                       num_processes: int, accumulation_steps: int) -> dict[str, torch.Tensor]:
+    """This micro-batch's share of the global-batch losses, so that gradients summed over accumulation
+    steps and averaged over processes equal one big batch's: lm is weighted by its labelled tokens,
+    the other (per-batch mean) losses by 1 / accumulation steps."""
+    shares = {name: value / accumulation_steps for name, value in losses.items()}
+    if "lm" in losses:
+        shares["lm"] = losses["lm"] * (num_tokens * num_processes / num_items_in_batch)
+    return shares
+
+
 class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
@@ -29,29 +47,62 @@ class SparseVLTrainer(Trainer):
         self.loss_weights = loss_weights
         self.model_args = model_args
         self.image_processor = image_processor
-        self._loss_sums: dict[str, float] = defaultdict(float)
-        self._loss_steps = 0
+        # Ask Trainer for the labelled-token count of the whole global batch (all micro-batches, all
+        # processes), so the lm loss is the same token mean whatever the processes x accumulation split.
+        self.model_accepts_loss_kwargs = True
+        self._loss_sums: dict[str, float] = defaultdict(float)  # Σ value × weight since the last log
+        self._loss_counts: dict[str, float] = defaultdict(float)  # Σ weight (labelled tokens for lm, else 1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "sample_index"}
         outputs = model(**inputs)
-        total = weighted_total(outputs.losses, self.loss_weights)
-        for name, value in outputs.losses.items():
-            self._loss_sums[name] += float(value.detach())
-        self._loss_steps += 1
+        losses = outputs.losses
+        if model.training:
+            self._record(losses, labelled_tokens(outputs.inputs.labels))
+        if num_items_in_batch is not None:
+            losses = global_batch_share(losses, labelled_tokens(outputs.inputs.labels), num_items_in_batch,
+                                        num_processes=self.accelerator.num_processes,
+                                        accumulation_steps=self.current_gradient_accumulation_steps)
+        total = weighted_total(losses, self.loss_weights)
         return (total, outputs) if return_outputs else total
 
+    def _record(self, losses: dict[str, torch.Tensor], num_tokens: int) -> None:
+        for name, value in losses.items():
+            weight = num_tokens if name == "lm" else 1
+            self._loss_sums[name] += float(value.detach()) * weight
+            self._loss_counts[name] += weight
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._loss_steps:
-            for name, total in self._loss_sums.items():
-                logs[f"loss_{name}"] = round(total / self._loss_steps, 5)
+        if "loss" in logs and self._loss_counts:  # every process logs here together: the reduce is safe
+            names = sorted(self._loss_counts)
+            stats = torch.tensor([[self._loss_sums[n], self._loss_counts[n]] for n in names], dtype=torch.float64,
+                                 device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            for name, (total, count) in zip(names, stats.tolist()):
+                logs[f"loss_{name}"] = round(total / max(count, 1), 5)
             self._loss_sums.clear()
-            self._loss_steps = 0
+            self._loss_counts.clear()
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        save_checkpoint(self.model, output_dir or self.args.output_dir, model_args=self.model_args,
-                        tokenizer=self.processing_class, image_processor=self.image_processor)
+        """Write a sparsevl checkpoint from the writer process only. Trainer calls this on every process
+        under DeepSpeed (and on every process in plain data parallel runs too): under ZeRO-3 all of them
+        first join the gather of the partitioned weights."""
+        with whole_parameters(self.model):
+            if self.args.should_save:
+                save_checkpoint(self.model, output_dir or self.args.output_dir, model_args=self.model_args,
+                                tokenizer=self.processing_class, image_processor=self.image_processor)
+
+
+def whole_parameters(model: torch.nn.Module):
+    """Context in which DeepSpeed ZeRO-3 partitioned parameters are whole (a no-op otherwise)."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 class BestCheckpointCallback(TrainerCallback):
