@@ -8,27 +8,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import (AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           SiglipImageProcessorPil)
+from tiny import save_tiny_checkpoint
 
 from sparsevl.cli import main as cli_main
-from sparsevl.config import ModelArguments
 from sparsevl.data.conversation import IMAGE_TOKEN, prompt_ids
 from sparsevl.data.tokenizer import add_image_token
 from sparsevl.eval.run import load_for_inference
 from sparsevl.export import export_llava_hf
-from sparsevl.model.build import build_image_processor, build_model, save_checkpoint
 
 QUESTION = f"{IMAGE_TOKEN}\nWhat color is the circle?"
-
-
-def make_checkpoint(tmp_path, tokenizer, name="ckpt", **overrides):
-    torch.manual_seed(0)
-    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    image_token_id = add_image_token(tokenizer)
-    args = ModelArguments(**{"model_name_or_path": "tiny-llama", "vision_tower": "tiny-clip", **overrides})
-    model = build_model(args, vocab_size=len(tokenizer), image_token_id=image_token_id)
-    image_processor = build_image_processor(args.vision_tower, model.vision_tower.config)
-    return save_checkpoint(model, tmp_path / name, model_args=args, tokenizer=tokenizer,
-                           image_processor=image_processor)
 
 
 def our_logits(model_dir, image, question=QUESTION):
@@ -41,7 +29,7 @@ def our_logits(model_dir, image, question=QUESTION):
 
 @pytest.mark.parametrize("llm, vision", [("tiny-llama", "tiny-clip"), ("tiny-qwen3", "tiny-siglip")])
 def test_export_loads_in_plain_transformers_with_equal_logits(tmp_path, shapes_dir, shapes_tokenizer, llm, vision):
-    ckpt = make_checkpoint(tmp_path, shapes_tokenizer, model_name_or_path=llm, vision_tower=vision)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", shapes_tokenizer, model_name_or_path=llm, vision_tower=vision)
     assert cli_main(["export", "--to", "llava-hf", "--model", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     image = Image.open(sorted((shapes_dir / "images").rglob("*.png"))[0]).convert("RGB")
     ours, our_ids, num_image_tokens = our_logits(ckpt, image)
@@ -62,7 +50,7 @@ def test_export_loads_in_plain_transformers_with_equal_logits(tmp_path, shapes_d
 
 
 def test_import_round_trip_gives_identical_weights_and_logits(tmp_path, shapes_dir, shapes_tokenizer):
-    ckpt = make_checkpoint(tmp_path, shapes_tokenizer, mm_vision_select_layer=-1)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", shapes_tokenizer, mm_vision_select_layer=-1)
     export_llava_hf(ckpt, tmp_path / "hf")
     assert cli_main(["export", "--to", "sparsevl", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
@@ -104,7 +92,7 @@ def test_import_of_a_transformers_made_llava_matches_its_logits(tmp_path, shapes
 
 
 def test_models_llava_cannot_express_are_refused_with_clear_errors(tmp_path, shapes_tokenizer, capsys):
-    ckpt = make_checkpoint(tmp_path, shapes_tokenizer, mm_projector_type="linear")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", shapes_tokenizer, mm_projector_type="linear")
     assert cli_main(["export", "--to", "llava-hf", "--model", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
     assert "linear projector has no Llava layout" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()  # refused before anything is written
