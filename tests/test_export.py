@@ -109,3 +109,30 @@ def test_models_llava_cannot_express_are_refused_with_clear_errors(tmp_path, sha
     assert cli_main(["export", "--to", "sparsevl", "--model", str(tmp_path / "multi_layer"),
                      "--out", str(tmp_path / "x")]) == 2
     assert "concatenates several layers" in capsys.readouterr().err
+
+
+def test_import_reads_the_hub_llava_1_5_weight_names(tmp_path):
+    """llava-hf checkpoints on the Hub use older names (language_model.model.*); transformers maps them."""
+    from safetensors.torch import save_file
+    from tiny import make_model
+
+    from sparsevl.model.llava_hf import from_llava_hf, to_llava_hf
+
+    ours, _ = make_model("tiny-llama", "tiny-clip")
+    hf_model = to_llava_hf(ours)
+    hf_model.config.save_pretrained(tmp_path)
+    renames = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")]
+    legacy = {}
+    for name, tensor in hf_model.state_dict().items():
+        for new, old in renames:
+            if name.startswith(new):
+                name = old + name[len(new):]
+                break
+        legacy[name] = tensor.contiguous()
+    assert "language_model.model.embed_tokens.weight" in legacy
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    imported, args = from_llava_hf(str(tmp_path))
+    assert (args.mm_vision_select_layer, args.mm_vision_select_feature) == (-2, "patch")
+    expected = ours.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in imported.state_dict().items())
