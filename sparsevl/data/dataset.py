@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,10 @@ MAX_IMAGE_PIXELS = 89_478_485
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB (grey, RGBA, CMYK, palette converted); BadSampleError if unreadable or too big."""
     try:
-        with Image.open(path) as image:  # reads the header only
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; we refuse such images below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        with image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise BadSampleError(f"image {path} is too large: {image.width}x{image.height} pixels is more "
                                      f"than {MAX_IMAGE_PIXELS} (a decompression bomb?)")

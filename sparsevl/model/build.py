@@ -185,11 +185,14 @@ def save_weights(state: dict[str, torch.Tensor], file: str | Path) -> None:
 
 def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by save_checkpoint, restoring tied (aliased) tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    state = load_file(str(file))
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        state = load_file(str(file))
+    except SafetensorError as error:
+        raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
     for alias, original in aliases.items():
         state[alias] = state[original]
     return state
