@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 from tiny import train_flags
 
 from sparsevl.model.build import load_checkpoint
+from sparsevl.train.trainer import BEST_DIR, BestCheckpointCallback
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
 from sparsevl.train.checkpointing import (STAGING_PREFIX, TRAINER_FILES, latest_checkpoint, missing_files, publish,
                                           remove_staging_dirs, resolve_resume)
 
@@ -66,6 +69,8 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     assert curve(resumed) == curve(reference)  # exact: every step's loss, gradient norm and learning rate
     final, expected = load_file(resumed / "model.safetensors"), load_file(reference / "model.safetensors")
     assert all(torch.equal(final[name], expected[name]) for name in expected)
+    best = [json.loads((run / "best-checkpoint" / "best.json").read_text()) for run in (resumed, reference)]
+    assert best[0] == best[1]
 
 
 @pytest.mark.slow
@@ -140,3 +145,23 @@ def test_publish_replaces_only_when_complete_and_cleanup_restores_an_interrupted
     removed = remove_staging_dirs(tmp_path)
     assert [p.name for p in removed] == [f"{STAGING_PREFIX}checkpoint-12"]
     assert json.loads((final / "best.json").read_text()) == {"step": 8}
+
+
+def test_a_resumed_run_remembers_the_best_loss_so_far(tmp_path):
+    make_checkpoint(tmp_path / BEST_DIR)
+    (tmp_path / BEST_DIR / "best.json").write_text(json.dumps({"step": 4, "mean_loss": 1.5}))
+    make_checkpoint(tmp_path / "checkpoint-8")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    callback = BestCheckpointCallback()
+    state = TrainerState(global_step=4, log_history=[{"step": s, "loss": 2.0} for s in range(5, 9)])
+    callback.on_train_begin(args, state, TrainerControl())
+    assert callback.best_loss == 1.5
+    state.global_step = 8
+    callback.on_save(args, state, TrainerControl())  # mean loss 2.0 is worse than 1.5: the best copy stays
+    assert json.loads((tmp_path / BEST_DIR / "best.json").read_text())["step"] == 4
+    state.log_history += [{"step": s, "loss": 1.0} for s in range(9, 13)]
+    state.global_step = 12
+    make_checkpoint(tmp_path / "checkpoint-12")
+    callback.on_save(args, state, TrainerControl())
+    assert json.loads((tmp_path / BEST_DIR / "best.json").read_text()) == {"step": 12, "mean_loss": 1.0}
+    assert not list(tmp_path.glob(STAGING_PREFIX + "*"))
