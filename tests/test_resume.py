@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 from tiny import train_flags
 
+from sparsevl.config import parse_train_args
 from sparsevl.model.build import load_checkpoint
+from sparsevl.train.run import train
 from sparsevl.train.trainer import BEST_DIR, BestCheckpointCallback
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -165,3 +168,16 @@ def test_a_resumed_run_remembers_the_best_loss_so_far(tmp_path):
     callback.on_save(args, state, TrainerControl())
     assert json.loads((tmp_path / BEST_DIR / "best.json").read_text()) == {"step": 12, "mean_loss": 1.0}
     assert not list(tmp_path.glob(STAGING_PREFIX + "*"))
+
+
+def test_a_lora_run_resumes_from_its_unmerged_weights(shapes_dir, shapes_tokenizer, tmp_path):
+    def run(out, **extra):
+        return train(*parse_train_args(train_flags(
+            shapes_dir, shapes_tokenizer, out, max_steps=8, save_steps=4, logging_steps=1, per_device_train_batch_size=4,
+            learning_rate=1e-3, report_to="none", lora_enable=True, lora_r=4, **extra)))
+
+    reference = run(tmp_path / "unbroken")
+    shutil.copytree(reference / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    assert (tmp_path / "resumed" / "checkpoint-4" / "resume_weights.safetensors").is_file()
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint="latest")
+    assert curve(resumed) == curve(reference) and len(curve(reference)) == 8
