@@ -13,15 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import train_flags
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from sparsevl.config import parse_train_args
 from sparsevl.model.build import load_checkpoint
-from sparsevl.train.run import train
-from sparsevl.train.trainer import BEST_DIR, BestCheckpointCallback
-from transformers import TrainerControl, TrainerState, TrainingArguments
-
 from sparsevl.train.checkpointing import (STAGING_PREFIX, TRAINER_FILES, latest_checkpoint, missing_files, publish,
                                           remove_staging_dirs, resolve_resume)
+from sparsevl.train.run import train
+from sparsevl.train.trainer import BEST_DIR, BestCheckpointCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, SAVE_STEPS = 12, 4
