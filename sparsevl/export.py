@@ -46,7 +46,9 @@ def llava_hf_parity(model, hf_dir: str | Path, *, text_length: int = 6) -> float
     """Largest |logit difference| between our model and the llava-hf directory on a seeded probe prompt."""
     from transformers import LlavaForConditionalGeneration
 
-    hf_model = LlavaForConditionalGeneration.from_pretrained(hf_dir, local_files_only=True).eval()
+    from sparsevl.model.build import _from_pretrained_safetensors
+
+    hf_model = _from_pretrained_safetensors(LlavaForConditionalGeneration, Path(hf_dir)).eval()
     vision = model.vision_tower.config
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import train_flags
 
 from sparsevl.config import parse_train_args
 from sparsevl.train.run import train
@@ -27,11 +28,9 @@ TRAINER_FILLED_KEYS = {
 
 
 def flags(shapes_dir, tokenizer, out, **extra) -> list[str]:
-    values = {"model_name_or_path": "tiny-qwen3", "vision_tower": "tiny-clip",
-              "tokenizer_name_or_path": tokenizer.name_or_path, "data_path": shapes_dir / "finetune.json",
-              "output_dir": out, "max_steps": 3, "learning_rate": 1e-3, "warmup_steps": 0, "logging_steps": 1,
-              "save_steps": 2, "report_to": "none", "seed": 0, **extra}
-    return [token for key, value in values.items() for token in (f"--{key}", str(value))]
+    return train_flags(shapes_dir, tokenizer, out, **{"max_steps": 3, "learning_rate": 1e-3, "warmup_steps": 0,
+                                                      "logging_steps": 1, "save_steps": 2, "report_to": "none",
+                                                      **extra})
 
 
 def free_port() -> int:

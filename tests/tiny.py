@@ -51,3 +51,12 @@ def save_tiny_checkpoint(directory, tokenizer, seed: int = 0, **overrides):
     model = build_model(args, vocab_size=len(tokenizer), image_token_id=image_token_id)
     image_processor = build_image_processor(args.vision_tower, model.vision_tower.config)
     return save_checkpoint(model, directory, model_args=args, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def train_flags(shapes_dir, shapes_tokenizer, out, **extra) -> list[str]:
+    """`sparsevl train` flags for a tiny run on the shapes fixture; keyword arguments add or override flags."""
+    values = {"model_name_or_path": "tiny-qwen3", "vision_tower": "tiny-clip", "tokenizer_name_or_path":
+              shapes_tokenizer.name_or_path, "data_path": shapes_dir / "finetune.json", "output_dir": out,
+              "per_device_train_batch_size": 16, "learning_rate": 2e-3, "logging_steps": 5, "save_steps": 20,
+              "report_to": "tensorboard", "seed": 0, **extra}
+    return [token for key, value in values.items() for token in (f"--{key}", str(value))]

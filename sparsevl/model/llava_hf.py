@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from sparsevl.config import ModelArguments
-from sparsevl.model.build import assemble_model, plain_state_dict
+from sparsevl.model.build import _from_pretrained_safetensors, assemble_model, plain_state_dict
 from sparsevl.model.projectors import DenseProjector
 from sparsevl.model.vlm import SparseVLM
 
@@ -142,7 +142,7 @@ def from_llava_hf(directory: str) -> tuple[SparseVLM, ModelArguments]:
     if not isinstance(config, LlavaConfig):
         raise ValueError(f"{directory} is not a llava-hf model (config model_type {config.model_type!r})")
     model_args = model_args_from_llava_config(config, str(directory))
-    hf_model = LlavaForConditionalGeneration.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    hf_model = _from_pretrained_safetensors(LlavaForConditionalGeneration, directory)  # never unpickles
     text_config = config.get_text_config()
     text_config.tie_word_embeddings = config.tie_word_embeddings
     model = assemble_model(model_args, llm_config=text_config, vision_config=config.vision_config,
