@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen3MoeConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
-from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, load_balancing_loss_func
 
 from sparsevl.model.moe import (
     GatedMLPExperts,
@@ -93,6 +93,20 @@ def test_upcycled_moe_layer_equals_dense_llama_mlp():
                    experts=GatedMLPExperts.from_dense(llama_mlp, 4))
     x = torch.randn(3, 5, DIM)
     torch.testing.assert_close(moe(x).hidden_states, llama_mlp(x))
+
+
+def test_moe_layer_matches_transformers_qwen3_moe_block():
+    config = Qwen3MoeConfig(hidden_size=DIM, moe_intermediate_size=HIDDEN, num_experts=4, num_experts_per_tok=2,
+                            norm_topk_prob=True)
+    block = Qwen3MoeSparseMoeBlock(config)
+    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=4, top_k=2),
+                   experts=GatedMLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN))
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.gate.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([moe.experts.gate_proj, moe.experts.up_proj], dim=1))
+        block.experts.down_proj.copy_(moe.experts.down_proj)
+    x = torch.randn(2, 5, DIM)
+    torch.testing.assert_close(moe(x).hidden_states, block(x))
 
 
 def test_from_dense_rejects_other_modules():

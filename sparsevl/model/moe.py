@@ -106,19 +106,20 @@ class MLPExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, out_dim, hidden_dim))
         self.up_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, out_dim)) if bias else None
-        self.act = _activation(activation)
+        self.act_fn = _activation(activation)
         _uniform_init_(self.up_proj, self.up_proj_bias, dim)
         _uniform_init_(self.down_proj, self.down_proj_bias, hidden_dim)
 
     def forward(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """x_sorted (tokens_sorted, dim) grouped by expert -> (tokens_sorted, out_dim)."""
-        h = self.act(grouped_linear(x_sorted, self.up_proj, tokens_per_expert, self.up_proj_bias))
+        h = self.act_fn(grouped_linear(x_sorted, self.up_proj, tokens_per_expert, self.up_proj_bias))
         return grouped_linear(h, self.down_proj, tokens_per_expert, self.down_proj_bias)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x (tokens, dim) with plain F.linear: the reference path."""
-        up_bias, down_bias = (None, None) if self.up_proj_bias is None else (self.up_proj_bias[e], self.down_proj_bias[e])
-        return F.linear(self.act(F.linear(x, self.up_proj[e], up_bias)), self.down_proj[e], down_bias)
+        has_bias = self.up_proj_bias is not None
+        up_bias, down_bias = (self.up_proj_bias[e], self.down_proj_bias[e]) if has_bias else (None, None)
+        return F.linear(self.act_fn(F.linear(x, self.up_proj[e], up_bias)), self.down_proj[e], down_bias)
 
     @classmethod
     def from_dense(cls, mlp: nn.Sequential, num_experts: int) -> "MLPExperts":
@@ -131,7 +132,7 @@ class MLPExperts(nn.Module):
             raise ValueError("mlp's two Linear layers must both have a bias or both have none")
         experts = cls(num_experts=num_experts, dim=fc1.in_features, hidden_dim=fc1.out_features,
                       out_dim=fc2.out_features, bias=fc1.bias is not None)
-        experts.act = copy.deepcopy(mlp[1])
+        experts.act_fn = copy.deepcopy(mlp[1])
         experts.to(fc1.weight)
         _copy_into_experts(experts.up_proj, fc1.weight)
         _copy_into_experts(experts.down_proj, fc2.weight)
@@ -142,40 +143,43 @@ class MLPExperts(nn.Module):
 
 
 class GatedMLPExperts(nn.Module):
-    """num_experts SiLU-gated MLPs, down(act(gate(x)) * up(x)), no bias; layout of transformers' Qwen3MoeExperts."""
+    """num_experts SiLU-gated MLPs, down(act(gate(x)) * up(x)), no bias: LlamaMLP / Qwen3MLP stacked per expert."""
 
     def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
         _check_positive(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
         self.num_experts, self.out_dim = num_experts, dim
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))  # [gate; up] rows
+        # separate gate and up weights: a fused [gate; up] matmul costs a (tokens, 2 * hidden) cat in backward
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.act_fn = _activation(activation)
-        _uniform_init_(self.gate_up_proj, None, dim)
-        _uniform_init_(self.down_proj, None, hidden_dim)
+        for weight in self.parameters():
+            _uniform_init_(weight, None, weight.shape[-1])
 
     def forward(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """x_sorted (tokens_sorted, dim) grouped by expert -> (tokens_sorted, dim)."""
-        gate, up = grouped_linear(x_sorted, self.gate_up_proj, tokens_per_expert).chunk(2, dim=-1)
+        gate = grouped_linear(x_sorted, self.gate_proj, tokens_per_expert)  # (tokens_sorted, hidden)
+        up = grouped_linear(x_sorted, self.up_proj, tokens_per_expert)
         return grouped_linear(self.act_fn(gate) * up, self.down_proj, tokens_per_expert)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x (tokens, dim) with plain F.linear: the reference path."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e])
         return F.linear(self.act_fn(gate) * up, self.down_proj[e])
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int) -> "GatedMLPExperts":
         """Upcycle a module with gate_proj/up_proj/down_proj Linear and act_fn (LlamaMLP, Qwen3MLP)."""
-        projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        names = ("gate_proj", "up_proj", "down_proj")
+        projections = [getattr(mlp, name, None) for name in names]
         if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections):
             raise ValueError(f"mlp must have bias-free Linear gate_proj, up_proj and down_proj, got {mlp}")
-        gate, up, down = projections
-        experts = cls(num_experts=num_experts, dim=gate.in_features, hidden_dim=gate.out_features)
+        experts = cls(num_experts=num_experts, dim=mlp.gate_proj.in_features, hidden_dim=mlp.gate_proj.out_features)
         experts.act_fn = copy.deepcopy(mlp.act_fn)
-        experts.to(gate.weight)
-        _copy_into_experts(experts.gate_up_proj, torch.cat([gate.weight, up.weight]))  # (2 * hidden, dim)
-        _copy_into_experts(experts.down_proj, down.weight)
+        experts.to(mlp.gate_proj.weight)
+        for name, dense in zip(names, projections):
+            _copy_into_experts(getattr(experts, name), dense.weight)
         return experts
 
 
@@ -187,8 +191,17 @@ def _copy_into_experts(stacked: nn.Parameter, dense: Tensor) -> None:
 def _within_capacity(expert_ids_sorted: Tensor, tokens_per_expert: Tensor, capacity: int) -> Tensor:
     """Mask of sorted assignments whose position inside their expert's group is below capacity."""
     group_starts = tokens_per_expert.cumsum(0) - tokens_per_expert
-    position = torch.arange(expert_ids_sorted.numel(), device=expert_ids_sorted.device) - group_starts[expert_ids_sorted]
-    return position < capacity
+    rank = torch.arange(expert_ids_sorted.numel(), device=expert_ids_sorted.device)
+    return rank - group_starts[expert_ids_sorted] < capacity
+
+
+def _unsort_rows(rows: Tensor, order: Tensor, total: int) -> Tensor:
+    """Put rows[j] back at position order[j] of a (total, ...) tensor, zeros where absent; a gather, not a scatter."""
+    if order.numel() < total:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row `kept` is the zero row for drops
+    inverse = order.new_full((total,), order.numel())
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return rows[inverse]
 
 
 def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module,
@@ -198,7 +211,7 @@ def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module,
     Returns (output (tokens, out_dim), routed tokens_per_expert before drops). Assignments are ordered
     choice-major (all first choices, then all second choices), so a capacity keeps first choices first (GShard).
     """
-    num_tokens = x.shape[0]
+    num_tokens, top_k = router_output.indices.shape
     expert_ids = router_output.indices.t().reshape(-1)  # (top_k * tokens,) choice-major
     expert_ids_sorted, order = expert_ids.sort(stable=True)
     tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
@@ -206,10 +219,10 @@ def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module,
     if capacity is not None:
         order = order[_within_capacity(expert_ids_sorted, tokens_per_expert, capacity)]
         kept_per_expert = tokens_per_expert.clamp(max=capacity)
-    token_ids = order % num_tokens  # (kept,)
-    weights = router_output.weights.t().reshape(-1)[order].to(x.dtype)  # (kept,)
-    y = experts(x[token_ids], kept_per_expert) * weights.unsqueeze(-1)  # (kept, out_dim)
-    return x.new_zeros(num_tokens, y.shape[-1]).index_add_(0, token_ids, y), tokens_per_expert
+    y = experts(x[order % num_tokens], kept_per_expert)  # (kept, out_dim)
+    y = _unsort_rows(y, order, expert_ids.numel())  # (top_k * tokens, out_dim)
+    weights = router_output.weights.t().reshape(-1, 1).to(y.dtype)  # (top_k * tokens, 1)
+    return (y * weights).view(top_k, num_tokens, -1).sum(dim=0), tokens_per_expert
 
 
 def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
@@ -233,7 +246,8 @@ class MoELayer(nn.Module):
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
         self.capacity_factor = capacity_factor
         self.track_stats = True
-        self.register_buffer("expert_token_counts", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
+        counts = torch.zeros(router.num_experts, dtype=torch.long)
+        self.register_buffer("expert_token_counts", counts, persistent=False)
         self.register_buffer("dropped_token_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     def capacity(self, num_tokens: int) -> int | None:
