@@ -108,8 +108,8 @@ def prompt_case(moe, loop_moe, hf_block, config, dense, repeats):
         "sparsevl MoELayer, grouped_mm (library)": train_step(ours, moe, x, grad_out),
         "sparsevl MoELayer, per-expert loop": train_step(lambda x: loop_moe(x).hidden_states, loop_moe, x, grad_out),
         "dispatch_reference (all experts, mask)": train_step(reference, moe, x, grad_out),
-        "transformers Qwen3Moe eager": train_step(hf_forward(hf_block, config, "eager"), hf_block, x, grad_out),
-        "transformers Qwen3Moe grouped_mm": train_step(hf_forward(hf_block, config, "grouped_mm"), hf_block, x, grad_out),
+        **{f"transformers Qwen3Moe {impl}": train_step(hf_forward(hf_block, config, impl), hf_block, x, grad_out)
+           for impl in ("eager", "grouped_mm")},
     }
     with torch.no_grad():
         gap = (ours(x) - hf_forward(hf_block, config, "grouped_mm")(x)).abs().max().item()

@@ -247,3 +247,9 @@ def test_layer_and_experts_bad_arguments_name_the_argument():
         MoELayer(router=TopKRouter(dim=DIM, num_experts=2, top_k=1), experts=experts)
     with pytest.raises(ValueError, match="capacity_factor"):
         MoELayer(router=TopKRouter(dim=DIM, num_experts=3, top_k=1), experts=experts, capacity_factor=0.0)
+
+
+def test_empty_input_keeps_shape():
+    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=4, top_k=2), capacity_factor=1.0,
+                   experts=MLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN, out_dim=5))
+    assert moe(torch.randn(2, 0, DIM)).hidden_states.shape == (2, 0, 5)

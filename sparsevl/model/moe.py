@@ -222,7 +222,7 @@ def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module,
     y = experts(x[order % num_tokens], kept_per_expert)  # (kept, out_dim)
     y = _unsort_rows(y, order, expert_ids.numel())  # (top_k * tokens, out_dim)
     weights = router_output.weights.t().reshape(-1, 1).to(y.dtype)  # (top_k * tokens, 1)
-    return (y * weights).view(top_k, num_tokens, -1).sum(dim=0), tokens_per_expert
+    return (y * weights).view(top_k, num_tokens, y.shape[-1]).sum(dim=0), tokens_per_expert
 
 
 def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
@@ -240,7 +240,7 @@ class MoELayer(nn.Module):
                  capacity_factor: float | None = None):
         super().__init__()
         if router.num_experts != experts.num_experts:
-            raise ValueError(f"router.num_experts ({router.num_experts}) != experts.num_experts ({experts.num_experts})")
+            raise ValueError(f"num_experts differ: router has {router.num_experts}, experts have {experts.num_experts}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
