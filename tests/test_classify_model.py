@@ -10,13 +10,7 @@ from sparsevl.model.moe import RouterOutput
 LABEL_IDS = [[1, 2, 3], [1, 2, 4, 5], [6]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_config(**overrides):
