@@ -86,6 +86,8 @@ def parse_args(argv: list[str]) -> tuple[ModelConfig, DataConfig, TrainConfig]:
         if at + 1 >= len(argv):
             raise SystemExit("--config needs a YAML path")
         argv = yaml_to_argv(argv[at + 1]) + argv[:at] + argv[at + 2 :]
-    parser = HfArgumentParser(CONFIG_CLASSES, prog="python -m sparsevl.classify")
+    parser = HfArgumentParser(CONFIG_CLASSES, prog="python -m sparsevl.classify",
+                              description="Train and/or test the Diff-MoE classifier. Fetch a dataset with "
+                                          "`python -m sparsevl.classify download --help`.")
     parser.add_argument("--config", help="YAML file of defaults (flags override it)")
     return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[:3])
