@@ -99,3 +99,23 @@ def test_every_yaml_config_parses_and_builds(path):
     with torch.device("meta"):  # shapes only: the seed-sized models take seconds to initialise
         model = MultiModalMoE(model_cfg, num_classes=10 if data_cfg.dataset != "flickr8k" else 0, label_token_ids=[[1, 2]] * 10)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_cli_flickr8k_matching_reports_recall(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "Images").mkdir()
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (20, 16), (40 * i, 100, 200)).save(tmp_path / "Images" / f"{i}.jpg")
+        lines += [f"{i}.jpg#{j}\ta {['red', 'blue', 'green'][i % 3]} picture number {i}" for j in range(5)]
+    (tmp_path / "Flickr8k.token.txt").write_text("\n".join(lines))
+    (tmp_path / "Flickr_8k.testImages.txt").write_text("4.jpg\n5.jpg\n")
+    flags = {**TINY, "img_size": 16, "patch_size": 8, "patch_overlap": 0, "in_channels": 3}
+    argv = [f"--{k}={v}" for k, v in flags.items()] + ["--dataset=flickr8k", f"--data_root={tmp_path}", "--epochs=2",
+                                                       "--batch_size=4", f"--save_dir={tmp_path / 'run'}"]
+    assert main(argv) == 0
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    assert set(test) == {f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert test["i2t_recall@10"] == test["t2i_recall@10"] == 1.0  # two test images: both always in the top 10
+    assert (tmp_path / "run" / "expert_assignment.png").is_file() and (tmp_path / "run" / "training_curves.png").is_file()
