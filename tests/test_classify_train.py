@@ -11,7 +11,7 @@ from sparsevl.classify.cli import main
 from sparsevl.classify.config import ModelConfig, TrainConfig, parse_args
 from sparsevl.classify.data import load_dataset
 from sparsevl.classify.model import MultiModalMoE
-from sparsevl.classify.train import build_model, evaluate, random_shift, train
+from sparsevl.classify.train import build_model, evaluate, random_affine, train
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "classify").rglob("*.yaml"))
 TINY = dict(img_size=8, patch_size=2, patch_overlap=1, in_channels=1, embed_dim=32, num_layers=1, num_heads=2,
@@ -50,13 +50,18 @@ def test_checkpoint_round_trip_gives_identical_predictions(digits, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
-def test_random_shift_moves_whole_pixels():
+def test_random_affine_shifts_whole_pixels_and_rotates():
     images = torch.zeros(64, 1, 5, 5)
     images[:, :, 2, 2] = 1.0
-    shifted = random_shift(images, 1, torch.Generator().manual_seed(0))
+    shifted = random_affine(images, 1, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(shifted.sum((1, 2, 3)), torch.ones(64))  # one lit pixel, still whole
     rows, cols = shifted[:, 0].nonzero()[:, 1], shifted[:, 0].nonzero()[:, 2]
     assert set(rows.tolist()) == {1, 2, 3} and set(cols.tolist()) == {1, 2, 3}
+    bar = torch.zeros(1, 1, 9, 9)
+    bar[..., 4, 1:8] = 1.0  # a horizontal bar through the centre
+    turned = random_affine(bar.expand(32, -1, -1, -1), 0, 30.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(turned[:, 0, 4, 4], torch.ones(32))  # the centre stays put
+    assert (turned[:, 0, 4, 1] < 1).sum() > 16  # the bar's ends move off their row
 
 
 def test_cli_train_test_then_test_from_checkpoint(tmp_path, capsys):

@@ -37,7 +37,8 @@ def run(argv: list[str]) -> dict:
     if train_cfg.mode != "test":
         model, tokenizer, label_ids = build_model(model_cfg, data)
         start = time.perf_counter()
-        history = train(model, data, train_cfg, tokenizer=tokenizer, augment_shift=data_cfg.augment_shift)
+        history = train(model, data, train_cfg, tokenizer=tokenizer, augment_shift=data_cfg.augment_shift,
+                        augment_rotation=data_cfg.augment_rotation)
         metrics["train_seconds"] = time.perf_counter() - start
         metrics["history"] = history
         args = {"model": asdict(model_cfg), "data": asdict(data_cfg), "train": asdict(train_cfg)}

@@ -41,6 +41,7 @@ class DataConfig:
     dataset: str = _help("dataset to use", "digits", choices=["digits", "cifar10", "fashion_mnist", "flickr8k"])
     data_root: str = _help("folder holding the dataset's original files", "data")
     augment_shift: int = _help("random translation in pixels applied to training images", 0)
+    augment_rotation: float = _help("random rotation in degrees (+-) applied to training images", 0.0)
     max_train_samples: int | None = _help("use only the first N training samples (quick runs)", None)
 
 

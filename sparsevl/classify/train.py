@@ -27,17 +27,18 @@ def build_model(config: ModelConfig, data: Dataset) -> tuple[MultiModalMoE, PreT
     return model, tokenizer, label_ids
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by whole pixels in [-max_shift, max_shift], filling with zeros."""
-    if max_shift == 0:
+def random_affine(images: torch.Tensor, max_shift: int, max_rotation: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by up to +-max_rotation degrees and translate it by whole pixels up to +-max_shift; zeros fill in."""
+    if max_shift == 0 and max_rotation == 0:
         return images
     batch, _, height, width = images.shape
     shifts = torch.randint(-max_shift, max_shift + 1, (batch, 2), generator=generator).float()
-    theta = torch.zeros(batch, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2], theta[:, 1, 2] = 2 * shifts[:, 0] / width, 2 * shifts[:, 1] / height
+    angles = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(max_rotation)
+    cos, sin = angles.cos(), angles.sin()
+    theta = torch.stack([torch.stack([cos, -sin, 2 * shifts[:, 0] / width], 1),
+                         torch.stack([sin, cos, 2 * shifts[:, 1] / height], 1)], 1)  # (batch, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear" if max_rotation else "nearest", padding_mode="zeros", align_corners=False)
 
 
 def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +68,7 @@ def batch_loss(model, split: ImageSplit, idx: torch.Tensor, images: torch.Tensor
 
 
 def train(model: MultiModalMoE, data: Dataset, config: TrainConfig, *, tokenizer=None, augment_shift: int = 0,
-          log=print) -> list[dict]:
+          augment_rotation: float = 0.0, log=print) -> list[dict]:
     """AdamW + warmup/decay schedule + gradient accumulation; returns one dict of metrics per epoch."""
     generator = torch.Generator().manual_seed(config.seed)
     split = data.train
@@ -83,7 +84,7 @@ def train(model: MultiModalMoE, data: Dataset, config: TrainConfig, *, tokenizer
         model.train()
         sums = {"loss": 0.0, "routing_loss": 0.0, "correct": 0}
         for i, idx in enumerate(torch.randperm(len(split.labels), generator=generator).split(config.batch_size)):
-            images = random_shift(split.images[idx], augment_shift, generator)
+            images = random_affine(split.images[idx], augment_shift, augment_rotation, generator)
             task_loss, routing, correct = batch_loss(model, split, idx, images, tokenizer, generator)
             ((task_loss + config.routing_loss_weight * routing) / config.grad_accum_steps).backward()
             if (i + 1) % config.grad_accum_steps == 0 or i + 1 == micro_batches:
