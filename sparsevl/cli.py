@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "export": ("sparsevl.export", "main", "convert to/from transformers' Llava layout (llava-hf)"),
     "chat": ("sparsevl.serve.chat", "main", "talk about an image in the terminal (streaming answers)"),
     "serve": ("sparsevl.serve.web", "main", "web demo (Gradio) on 127.0.0.1: ask about an uploaded image"),
+    # temporary name: to become the `routing` target of `sparsevl analyze`
+    "analyze-routing": ("sparsevl.analyze.routing", "main", "text vs image tokens per expert of each MoE layer"),
 }
 
 

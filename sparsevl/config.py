@@ -22,7 +22,8 @@ class ModelArguments:
         "Vision encoder: a preset (tiny-clip, tiny-clip16, tiny-siglip, mid-clip) or a local CLIP/SigLIP directory.")})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": (
         "Tokenizer directory; default: the checkpoint's own (for presets this flag is required).")})
-    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "Projector: linear or mlp2x_gelu."})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": (
+        "Projector: linear, mlp2x_gelu, or moe (alias adaptive_moe: top-k of --mm_moe_num_experts mlp2x_gelu).")})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision layer whose features are projected."})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": (
         "patch: patch tokens only (drop CLIP's [CLS]); cls_patch: keep [CLS] too.")})
@@ -30,10 +31,26 @@ class ModelArguments:
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM; train the projector."})
     unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": (
         "Also train the vision tower (needed when it starts from random weights).")})
+    mm_moe_num_experts: int = field(default=8, metadata={"help": "moe projector: number of mlp2x_gelu experts."})
+    mm_moe_top_k: int = field(default=2, metadata={"help": "moe projector: experts per visual token."})
+    moe_enable: bool = field(default=False, metadata={"help": (
+        "MoE-Tuning stage 3: upcycle the LLM's FFNs into MoE layers (each expert a copy of the trained FFN) and "
+        "train only those layers (routers + experts). Set by --stage moe.")})
+    num_experts: int = field(default=4, metadata={"help": "--moe_enable: experts per upcycled FFN."})
+    top_k_experts: int = field(default=2, metadata={"help": "--moe_enable: experts per token (top-k routing)."})
+    moe_layers_every: int = field(default=2, metadata={"help": (
+        "--moe_enable: upcycle decoder layers i with (i + 1) % N == 0 (N=2: layers 1, 3, ...; Qwen3-MoE's "
+        "decoder_sparse_step). Ignored when --moe_layers is given.")})
+    moe_layers: list[int] | None = field(default=None, metadata={"help": (
+        "--moe_enable: explicit decoder-layer indices to upcycle (0-based), e.g. `--moe_layers 0 2` "
+        "(MoE-LLaVA's every-other-layer layout).")})
     lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM (merged on save)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+
+    def __post_init__(self):
+        check_moe_arguments(self)
 
 
 @dataclass
@@ -52,7 +69,8 @@ class DataArguments:
 @dataclass
 class SparseVLTrainingArguments(TrainingArguments):
     stage: str = field(default="finetune", metadata={"help": (
-        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template) or finetune.")})
+        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template), finetune, or moe "
+        "(MoE-Tuning stage 3: upcycle the LLM's FFNs, train only the MoE layers).")})
     output_dir: str = field(default="runs/train", metadata={"help": "Where checkpoints and logs go."})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Loggers (tensorboard, none)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -63,7 +81,14 @@ class SparseVLTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key (our collator's)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer."})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (GPU only)."})
-    moe_load_balancing_weight: float = field(default=0.01, metadata={"help": "Weight of MoE balance losses."})
+    moe_load_balancing_weight: float = field(default=0.01, metadata={"help": (
+        "Weight of the moe projector's balance loss (logged as loss_balance).")})
+    moe_aux_loss_coef: float = field(default=0.01, metadata={"help": (
+        "Weight of the upcycled LLM MoE layers' balance loss, summed over layers (loss_llm_balance; MoE-LLaVA's "
+        "router_aux_loss_coef). Balance counts all top-k assignments: a balanced router scores top_k per layer.")})
+    router_z_loss_weight: float = field(default=0.0, metadata={"help": (
+        "Weight of the ST-MoE router z-loss of every MoE (loss_z for the projector, loss_llm_z for the LLM; "
+        "ST-MoE uses 0.001; MoE-LLaVA none).")})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
         "Continue training from a step checkpoint: a checkpoint-N directory, or `latest` for the newest complete "
         "one in --output_dir (a fresh start when there is none yet). Restores model, optimizer, scheduler, RNG "
@@ -77,7 +102,30 @@ class SparseVLTrainingArguments(TrainingArguments):
 STAGE_DEFAULTS: dict[str, dict] = {
     "pretrain": {"tune_mm_mlp_adapter": True, "conversation_template": "plain"},
     "finetune": {},
+    # MoE-Tuning stage 3 (MoE-LLaVA): upcycle the FFNs of a stage-2 checkpoint, train only the MoE layers.
+    "moe": {"moe_enable": True},
 }
+
+
+def check_moe_arguments(args: ModelArguments) -> None:
+    """Refuse impossible MoE settings at parse time, naming the flag."""
+    _check_experts(args.mm_moe_num_experts, args.mm_moe_top_k, "--mm_moe_num_experts", "--mm_moe_top_k")
+    _check_experts(args.num_experts, args.top_k_experts, "--num_experts", "--top_k_experts")
+    if args.moe_layers_every < 1:
+        raise ValueError(f"--moe_layers_every must be at least 1, got {args.moe_layers_every}")
+    if args.moe_layers is not None and (not args.moe_layers or min(args.moe_layers) < 0):
+        raise ValueError(f"--moe_layers must list decoder-layer indices >= 0, got {args.moe_layers}")
+    if args.moe_enable and (args.tune_mm_mlp_adapter or args.lora_enable or args.freeze_backbone):
+        raise ValueError("--moe_enable trains only the MoE layers: it cannot be combined with "
+                         "--tune_mm_mlp_adapter, --lora_enable or --freeze_backbone")
+
+
+def _check_experts(num_experts: int, top_k: int, experts_flag: str, top_k_flag: str) -> None:
+    if num_experts < 1:
+        raise ValueError(f"{experts_flag} must be at least 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"{top_k_flag} must be between 1 and {experts_flag} ({num_experts}), got {top_k}")
+
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SparseVLTrainingArguments)
 
@@ -121,7 +169,10 @@ def parse_train_args(argv: list[str] | None = None):
         raise SystemExit(f"--stage {stage!r} is unknown; choose from: {', '.join(STAGE_DEFAULTS)}")
     full_argv = _dict_to_flags(STAGE_DEFAULTS[stage]) + yaml_flags + argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    return parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+    try:
+        return parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+    except ValueError as error:  # a dataclass's own check (e.g. --top_k_experts > --num_experts)
+        raise SystemExit(f"sparsevl train: error: {error}") from None
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

@@ -4,6 +4,8 @@
 model.safetensors, a `LlavaProcessor` with our tokenizer and image processor), then reloaded with plain
 transformers and checked against our logits on a probe input.
 --to sparsevl: a llava-hf directory -> a sparsevl checkpoint (e.g. to fine-tune or prune it here).
+--to qwen3-moe: the LLM of an upcycled (--stage moe) Qwen3 checkpoint -> transformers' `Qwen3MoeForCausalLM`
+(config.json, model.safetensors, tokenizer), reloaded with plain transformers and checked against our logits.
 """
 
 import argparse
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FORMATS = ("llava-hf", "sparsevl")
+FORMATS = ("llava-hf", "sparsevl", "qwen3-moe")
 
 
 def export_llava_hf(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True, atol: float = 1e-5) -> Path:
@@ -66,6 +68,46 @@ def llava_hf_parity(model, hf_dir: str | Path, *, text_length: int = 6) -> float
     return float((ours - theirs).abs().max())
 
 
+def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True,
+                     atol: float = 1e-4) -> Path:
+    """Write the upcycled LLM of `model_dir` as a Qwen3MoeForCausalLM directory; with `verify`, reload it with
+    plain transformers and compare logits. Refuses (NotExportable, a ValueError) what Qwen3-MoE cannot express."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from sparsevl.eval.run import load_for_inference
+    from sparsevl.model.qwen3_moe import qwen3_moe_config, to_qwen3_moe_state_dict
+
+    model, tokenizer, _ = load_for_inference(model_dir)
+    config = qwen3_moe_config(model.llm)  # refuses before anything is written
+    config.dtype = "float32"
+    hf_model = Qwen3MoeForCausalLM(config)
+    hf_model.load_state_dict(to_qwen3_moe_state_dict(model.llm), strict=True)
+    out_dir = Path(out_dir)
+    hf_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if verify:
+        difference = qwen3_moe_parity(model.llm, out_dir)
+        if difference > atol:
+            raise ValueError(f"exported model in {out_dir} differs from {model_dir} by {difference:.3g} in logits "
+                             f"(tolerance {atol})")
+        print(f"verified: plain transformers logits match within {difference:.2g}")
+    return out_dir
+
+
+def qwen3_moe_parity(llm, hf_dir: str | Path, *, length: int = 12) -> float:
+    """Largest |logit difference| between our LLM and the Qwen3-MoE directory on seeded random token ids."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from sparsevl.model.build import _from_pretrained_safetensors
+
+    hf_model = _from_pretrained_safetensors(Qwen3MoeForCausalLM, Path(hf_dir)).eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, llm.config.vocab_size, (2, length), generator=generator)
+    with torch.no_grad():
+        ours, theirs = llm(input_ids=ids).logits, hf_model(input_ids=ids).logits
+    return float((ours - theirs).abs().max())
+
+
 def import_llava_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a llava-hf directory as a sparsevl checkpoint (weights, config, tokenizer, image processor)."""
     from transformers import AutoImageProcessor
@@ -89,11 +131,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsevl export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", required=True, choices=FORMATS, help="target format")
-    p.add_argument("--model", required=True, help="source: a sparsevl checkpoint (--to llava-hf) or a llava-hf "
-                                                  "directory (--to sparsevl)")
+    p.add_argument("--model", required=True, help="source: a sparsevl checkpoint (--to llava-hf, qwen3-moe) or a "
+                                                  "llava-hf directory (--to sparsevl)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--verify", type=_bool, default=True, help="llava-hf: reload with plain transformers and "
-                                                              "compare logits on a probe (default true)")
+    p.add_argument("--verify", type=_bool, default=True, help="llava-hf, qwen3-moe: reload with plain "
+                                                              "transformers and compare logits on a probe (default true)")
     return p
 
 
@@ -108,6 +150,8 @@ def main(argv: list[str]) -> int:
     try:
         if args.to == "llava-hf":
             out = export_llava_hf(args.model, args.out, verify=args.verify)
+        elif args.to == "qwen3-moe":
+            out = export_qwen3_moe(args.model, args.out, verify=args.verify)
         else:
             out = import_llava_hf(args.model, args.out)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, C
 from sparsevl.config import ModelArguments
 from sparsevl.model import presets
 from sparsevl.model.projectors import build_projector
+from sparsevl.model.upcycle import MoELayout, apply_moe_arguments, moe_layout, train_only_moe_layers, upcycle_llm
 from sparsevl.model.vision import VisionTower, vision_encoder_class
 from sparsevl.model.vlm import SparseVLM
 
@@ -85,13 +86,22 @@ def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -
                                select_feature=args.mm_vision_select_feature)
     llm = build_llm(args.model_name_or_path, vocab_size=vocab_size)
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
-                                llm_dim=llm.config.hidden_size)
+                                llm_dim=llm.config.hidden_size, **projector_options(args))
+    apply_moe_arguments(llm, args)
     return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
+
+
+def projector_options(args: ModelArguments) -> dict:
+    """Projector settings beyond the two sizes (read by the projectors that use them)."""
+    return {"num_experts": args.mm_moe_num_experts, "top_k": args.mm_moe_top_k}
 
 
 def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
     """Set requires_grad per training mode (wrapping the LLM with LoRA if asked); return the mode's name."""
     model.requires_grad_(False)
+    if args.moe_enable:  # MoE-Tuning stage 3: routers and experts only
+        train_only_moe_layers(model.llm)
+        return "moe_layers"
     if args.tune_mm_mlp_adapter:
         mode = "projector"
     elif args.lora_enable:
@@ -146,6 +156,9 @@ def save_checkpoint(model: SparseVLM, out_dir: str | Path, *, model_args: ModelA
     arch_args = {**asdict(model_args), "lora_enable": False}  # LoRA is merged: reload as a plain model
     config = {"model_args": arch_args, "llm_config": llm.config.to_dict(),
               "vision_config": model.vision_tower.config.to_dict(), "image_token_id": model.image_token_id}
+    layout = moe_layout(llm)
+    if layout is not None:
+        config["llm_moe"] = layout.to_dict()
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     save_weights(plain_state_dict(model), out_dir / WEIGHTS_NAME)
     if tokenizer is not None:
@@ -165,19 +178,23 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
     model_args = ModelArguments(**{k: v for k, v in config["model_args"].items() if k in known})
     model = assemble_model(model_args, llm_config=_config_from_dict(config["llm_config"]),
                            vision_config=_config_from_dict(config["vision_config"]),
-                           image_token_id=config["image_token_id"])
+                           image_token_id=config["image_token_id"], llm_moe=config.get("llm_moe"))
     model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
     return model, model_args
 
 
-def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, image_token_id: int) -> SparseVLM:
-    """A SparseVLM with random weights shaped by saved configs (weights are loaded by the caller)."""
+def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, image_token_id: int,
+                   llm_moe: dict | None = None) -> SparseVLM:
+    """A SparseVLM with random weights shaped by saved configs (weights are loaded by the caller);
+    `llm_moe` is the saved MoELayout of an upcycled LLM."""
     encoder = vision_encoder_class(vision_config.model_type)(vision_config)
     vision_tower = VisionTower(encoder=encoder, select_layer=model_args.mm_vision_select_layer,
                                select_feature=model_args.mm_vision_select_feature)
     llm = AutoModelForCausalLM.from_config(llm_config)
+    if llm_moe is not None:
+        upcycle_llm(llm, MoELayout(**llm_moe))
     projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
-                                llm_dim=llm_config.hidden_size)
+                                llm_dim=llm_config.hidden_size, **projector_options(model_args))
     return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
 
 

@@ -32,7 +32,7 @@ class MultimodalInputs:
 @dataclass
 class VLMOutput:
     logits: torch.Tensor  # (batch, seq, vocab)
-    losses: dict[str, torch.Tensor]  # named losses: "lm" plus the projector's auxiliary ones
+    losses: dict[str, torch.Tensor]  # named losses: "lm", the projector's auxiliary ones, "llm_*" of LLM modules
     inputs: MultimodalInputs
 
 
@@ -105,6 +105,7 @@ class SparseVLM(nn.Module):
         inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
         logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                           position_ids=inputs.position_ids, use_cache=False).logits
+        losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
         if inputs.labels is not None:
             losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
         return VLMOutput(logits=logits, losses=losses, inputs=inputs)
@@ -154,6 +155,18 @@ class SparseVLM(nn.Module):
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vision_tower.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def pop_module_losses(root: nn.Module, *, prefix: str) -> dict[str, torch.Tensor]:
+    """Per name, the sum over submodules of the losses they kept from their last forward (a `pop_losses()`
+    method, e.g. upcycled MoE FFNs: balance, z), named `prefix + name`. Summed over layers as in MoE-LLaVA."""
+    totals: dict[str, torch.Tensor] = {}
+    for module in root.modules():
+        pop_losses = getattr(module, "pop_losses", None)
+        if callable(pop_losses):
+            for name, value in pop_losses().items():
+                totals[prefix + name] = totals[prefix + name] + value if prefix + name in totals else value
+    return totals
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

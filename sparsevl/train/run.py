@@ -13,14 +13,17 @@ from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
                                   is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.upcycle import apply_moe_arguments
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
+from sparsevl.train.expert_usage import ExpertUsageCallback
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
 
 logger = logging.getLogger(__name__)
 
 # Arguments that fix the architecture: a checkpoint's values win over the command line's.
-ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature")
+ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+                       "mm_moe_num_experts", "mm_moe_top_k")
 
 
 def load_model_and_processors(model_args: ModelArguments):
@@ -34,6 +37,7 @@ def load_model_and_processors(model_args: ModelArguments):
     if is_checkpoint(source):
         model, saved = load_checkpoint(source)
         model_args = _with_architecture_of(model_args, saved)
+        apply_moe_arguments(model.llm, model_args)  # --stage moe upcycles a dense stage-2 checkpoint
         image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
         if model.image_token_id != image_token_id:
             raise ValueError(f"tokenizer {tokenizer_path} maps <image> to {image_token_id}, but checkpoint "
@@ -51,7 +55,10 @@ def _with_architecture_of(current: ModelArguments, saved: ModelArguments) -> Mod
 
 
 def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
-    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight}
+    """Weight of every named loss a model may return (the trainer refuses a loss without one)."""
+    z_weight = training_args.router_z_loss_weight
+    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight, "z": z_weight,
+            "llm_balance": training_args.moe_aux_loss_coef, "llm_z": z_weight}
 
 
 def describe_parameters(model, mode: str) -> str:
@@ -79,7 +86,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     guard = NonFiniteGuard(training_args.max_bad_steps)
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                              callbacks=[BestCheckpointCallback()], loss_weights=loss_weights(training_args),
+                              callbacks=[BestCheckpointCallback(), ExpertUsageCallback()],
+                              loss_weights=loss_weights(training_args),
                               model_args=model_args, image_processor=image_processor, guard=guard)
     try:
         trainer.train(resume_from_checkpoint=resume)

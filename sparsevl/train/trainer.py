@@ -107,6 +107,10 @@ class SparseVLTrainer(Trainer):
             self._loss_counts.clear()
         if "loss" in logs and self.guard is not None:
             logs["bad_steps"] = len(self.guard.bad_steps)
+        if "loss" in logs:  # callbacks with values to log (e.g. expert load) add them before the loggers run
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "log_values"):
+                    logs.update(callback.log_values(self.model))
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -1,0 +1,277 @@
+"""MoE projector, MoE-Tuning stage 3 (upcycling), expert-usage logging, routing analysis, Qwen3-MoE export."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import VOCAB_SIZE, make_model, prompt_with_image, random_pixels, right_padded, train_flags
+from transformers import AutoModelForCausalLM, PhiConfig, Qwen3MoeForCausalLM
+
+from sparsevl.cli import main as cli_main
+from sparsevl.config import ModelArguments, parse_train_args
+from sparsevl.model.build import build_model, configure_trainable, load_checkpoint, save_checkpoint
+from sparsevl.model.moe import load_balancing_loss, router_z_loss
+from sparsevl.model.projectors import MoEProjector, build_projector
+from sparsevl.model.qwen3_moe import NotExportable, qwen3_moe_config
+from sparsevl.model.upcycle import MoEFeedForward, MoELayout, moe_feed_forwards, moe_layout, upcycle_llm
+from sparsevl.train.expert_usage import ExpertUsageCallback, format_usage_table, max_over_min
+from sparsevl.train.run import loss_weights
+from sparsevl.train.trainer import weighted_total
+
+
+def batch(seed: int = 0):
+    ids, mask = right_padded([prompt_with_image(9, seed=seed), prompt_with_image(6, seed=seed + 1)])
+    return ids, mask, random_pixels(2, seed=seed)
+
+
+def logits_of(model, ids, mask, pixels):
+    with torch.no_grad():
+        return model(ids, mask, pixels).logits
+
+
+def perturb_experts(llm, scale: float = 0.05) -> None:
+    """Make the upcycled experts differ, so that which experts a token takes changes the output."""
+    with torch.no_grad():
+        for _, ffn in moe_feed_forwards(llm):
+            for weight in ffn.moe.experts.parameters():
+                weight.add_(torch.randn_like(weight) * scale)
+
+
+# --- MoE projector ---------------------------------------------------------------------------------------------
+
+def test_moe_projector_shapes_losses_and_gradients():
+    projector = build_projector("moe", vision_dim=12, llm_dim=20, num_experts=8, top_k=2)
+    features = torch.randn(3, 5, 12, requires_grad=True)
+    embeds, losses = projector(features)
+    assert embeds.shape == (3, 5, 20) and set(losses) == {"balance", "z"}
+    assert projector.last_expert_indices.shape == (3, 5, 2)
+    routing = projector.moe.router(features.reshape(-1, 12))
+    torch.testing.assert_close(losses["balance"], load_balancing_loss(routing.probs, routing.indices, 8))
+    torch.testing.assert_close(losses["z"], router_z_loss(routing.logits))
+    (embeds.sum() + losses["balance"]).backward()
+    moe = projector.moe
+    assert features.grad.abs().sum() > 0 and moe.router.gate.weight.grad.abs().sum() > 0
+    used = projector.last_expert_indices.unique()
+    assert moe.experts.up_proj.grad[used].abs().sum() > 0  # every routed expert gets a gradient
+
+
+def test_one_expert_moe_projector_equals_mlp2x_gelu():
+    dense = build_projector("mlp2x_gelu", vision_dim=12, llm_dim=20)
+    moe = build_projector("adaptive_moe", vision_dim=12, llm_dim=20, num_experts=1, top_k=1)
+    assert isinstance(moe, MoEProjector)
+    experts = moe.moe.experts
+    with torch.no_grad():
+        experts.up_proj[0].copy_(dense.net[0].weight), experts.up_proj_bias[0].copy_(dense.net[0].bias)
+        experts.down_proj[0].copy_(dense.net[2].weight), experts.down_proj_bias[0].copy_(dense.net[2].bias)
+    features = torch.randn(2, 7, 12)
+    torch.testing.assert_close(moe(features)[0], dense(features)[0])
+
+
+def test_every_named_loss_is_weighted_by_its_flag():
+    model, _ = make_model("tiny-qwen3", projector="moe", moe_enable=True)
+    ids, mask, pixels = batch()
+    losses = model(ids, mask, pixels, labels=ids).losses
+    assert set(losses) == {"lm", "balance", "z", "llm_balance", "llm_z"}
+    _, _, training_args = parse_train_args(["--moe_load_balancing_weight", "0.5", "--moe_aux_loss_coef", "0.25",
+                                            "--router_z_loss_weight", "0.125", "--report_to", "none"])
+    expected = (losses["lm"] + 0.5 * losses["balance"] + 0.25 * losses["llm_balance"]
+                + 0.125 * (losses["z"] + losses["llm_z"]))
+    torch.testing.assert_close(weighted_total(losses, loss_weights(training_args)), expected)
+
+
+def test_moe_projector_and_upcycled_llm_checkpoint_round_trip(tmp_path):
+    model, args = make_model("tiny-qwen3", projector="moe", mm_moe_num_experts=3, mm_moe_top_k=1,
+                             moe_enable=True, moe_layers=[0, 2], num_experts=3, top_k_experts=1)
+    perturb_experts(model.llm)
+    save_checkpoint(model, tmp_path, model_args=args)
+    config = json.loads((tmp_path / "sparsevl_config.json").read_text())
+    assert config["llm_moe"] == {"layers": [0, 2], "num_experts": 3, "top_k": 1}
+    loaded, loaded_args = load_checkpoint(tmp_path)
+    assert (loaded_args.mm_moe_num_experts, loaded_args.mm_moe_top_k) == (3, 1)
+    assert loaded.projector.moe.router.num_experts == 3 and moe_layout(loaded.llm) == moe_layout(model.llm)
+    ids, mask, pixels = batch()
+    assert torch.equal(logits_of(loaded.eval(), ids, mask, pixels), logits_of(model, ids, mask, pixels))
+
+
+# --- Upcycling (MoE-Tuning stage 3) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("llm", ["tiny-qwen3", "tiny-llama"])
+@pytest.mark.parametrize("layers", [None, [0, 2, 3]])
+def test_upcycling_preserves_logits(llm, layers):
+    dense, _ = make_model(llm)
+    upcycled, _ = make_model(llm, moe_enable=True, moe_layers=layers)  # same seed: the same dense weights
+    found = [i for i, _ in moe_feed_forwards(upcycled.llm)]
+    assert found == (layers or [1, 3])  # default: every 2nd layer, Qwen3-MoE's (i + 1) % 2 == 0
+    ids, mask, pixels = batch()
+    expected = logits_of(dense, ids, mask, pixels)
+    torch.testing.assert_close(logits_of(upcycled, ids, mask, pixels), expected, rtol=0, atol=2e-6)
+    routed = torch.cat([ffn.last_expert_indices.flatten() for _, ffn in moe_feed_forwards(upcycled.llm)])
+    assert len(routed.unique()) > 2  # tokens really go to different experts, yet the output is the dense one
+    perturb_experts(upcycled.llm)  # ...which a broken combine (not renormalised, wrong experts) would not give
+    assert (logits_of(upcycled, ids, mask, pixels) - expected).abs().max() > 1e-3
+
+
+def test_stage3_trains_only_routers_and_experts():
+    model, args = make_model("tiny-llama", moe_enable=True)
+    assert configure_trainable(model, args) == "moe_layers"
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    moe_params = {name for name, _ in model.named_parameters() if ".mlp.moe." in name}
+    assert trainable == moe_params
+    assert {name.split(".mlp.moe.")[1] for name in trainable} == {
+        "router.gate.weight", "experts.gate_proj", "experts.up_proj", "experts.down_proj"}
+    ids, mask, pixels = batch()
+    model(ids, mask, pixels, labels=ids).losses["lm"].backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad <= moe_params and any("router" in n for n in with_grad) and any("experts" in n for n in with_grad)
+
+
+def test_llm_losses_are_the_sum_over_moe_layers_and_handed_over_once():
+    model, _ = make_model("tiny-qwen3", moe_enable=True)
+    per_layer = []
+    for _, ffn in moe_feed_forwards(model.llm):
+        ffn.moe.register_forward_hook(lambda module, inputs, output: per_layer.append(output.losses))
+    ids, mask, pixels = batch()
+    losses = model(ids, mask, pixels).losses
+    assert len(per_layer) == 2
+    torch.testing.assert_close(losses["llm_balance"], per_layer[0]["balance"] + per_layer[1]["balance"])
+    torch.testing.assert_close(losses["llm_z"], per_layer[0]["z"] + per_layer[1]["z"])
+    assert all(ffn.pop_losses() == {} for _, ffn in moe_feed_forwards(model.llm))
+
+
+# --- Bad input --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--num_experts", "4", "--top_k_experts", "5"], "--top_k_experts"),
+    (["--num_experts", "0"], "--num_experts"),
+    (["--mm_moe_num_experts", "8", "--mm_moe_top_k", "9"], "--mm_moe_top_k"),
+    (["--mm_moe_num_experts", "0"], "--mm_moe_num_experts"),
+    (["--moe_layers_every", "0"], "--moe_layers_every"),
+    (["--moe_layers", "-1"], "--moe_layers"),
+    (["--lora_enable", "True"], "--lora_enable"),
+])
+def test_bad_moe_flags_fail_at_parsing_naming_the_flag(flags, flag):
+    with pytest.raises(SystemExit, match=flag):
+        parse_train_args(["--stage", "moe", "--report_to", "none", *flags])
+
+
+def test_moe_layer_beyond_the_model_fails_at_build_naming_the_flag():
+    with pytest.raises(ValueError, match=r"--moe_layers \[4, 9\] beyond the LLM's 4 decoder layers"):
+        make_model("tiny-qwen3", moe_enable=True, moe_layers=[1, 4, 9])
+    with pytest.raises(ValueError, match="--moe_layers_every 5 selects none of the LLM's 4 decoder layers"):
+        make_model("tiny-qwen3", moe_enable=True, moe_layers_every=5)
+
+
+def test_upcycling_an_llm_of_unknown_mlp_shape_fails_naming_the_flag():
+    phi = AutoModelForCausalLM.from_config(PhiConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"--moe_enable: cannot upcycle decoder layer 1's MLP \(PhiMLP\)"):
+        upcycle_llm(phi, MoELayout(layers=[1], num_experts=4, top_k=2))
+
+
+def test_an_upcycled_checkpoint_asked_for_another_layout_is_refused(tmp_path):
+    model, args = make_model("tiny-qwen3", moe_enable=True)
+    with pytest.raises(ValueError, match="already upcycled"):
+        from sparsevl.model.upcycle import apply_moe_arguments
+
+        apply_moe_arguments(model.llm, ModelArguments(moe_enable=True, num_experts=8))
+
+
+# --- Training: stage 3, expert-usage logging, routing analysis --------------------------------------------------
+
+def test_expert_usage_table_and_values():
+    table = format_usage_table({"llm.layer1": [0.5, 0.25, 0.25, 0.0]}, step=7)
+    assert "step 7" in table and "llm.layer1   0.500   0.250   0.250   0.000      inf" in table
+    assert max_over_min([0.3, 0.2, 0.2, 0.3]) == pytest.approx(1.5)
+    model, _ = make_model("tiny-qwen3", moe_enable=True, moe_layers=[3])
+    ids, mask, pixels = batch()
+    model(ids, mask, pixels)
+    callback = ExpertUsageCallback()
+    values = callback.log_values(model)
+    counts = moe_feed_forwards(model.llm)[0][1].moe.expert_token_counts
+    assert sum(values[f"expert_load/llm.layer3/e{i}"] for i in range(4)) == pytest.approx(1.0, abs=1e-4)
+    assert values["expert_load/llm.layer3/e0"] == pytest.approx(float(counts[0] / counts.sum()), abs=1e-5)
+    assert int(counts.sum()) == 2 * (9 - 1 + 64) * 2  # every position of the merged batch (padding too), top-2
+
+
+def test_stage_moe_trains_only_moe_layers_logs_usage_and_analyzes(tmp_path, shapes_dir, shapes_tokenizer,
+                                                                   tiny_checkpoint, capsys):
+    out = tmp_path / "stage3"
+    argv = ["train", "--stage", "moe", *train_flags(shapes_dir, shapes_tokenizer, out, model_name_or_path=tiny_checkpoint,
+                                                    max_steps=4, logging_steps=2, per_device_train_batch_size=8,
+                                                    report_to="none")]
+    assert cli_main(argv) == 0
+    assert "llm.layer1" in capsys.readouterr().out  # the expert-usage table
+    history = json.loads((out / "log_history.json").read_text())
+    logged = [entry for entry in history if "loss" in entry]
+    assert len(logged) == 2 and all("loss_llm_balance" in e and "expert_load/llm.layer3/max_over_min" in e
+                                    for e in logged)
+    before, after = load_file(tiny_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    kept = set(before) & set(after)
+    assert {n for n in kept if not torch.equal(before[n], after[n])} == set()  # the rest: untouched
+    assert {n.split(".mlp.")[0] for n in set(before) - kept} == {"llm.model.layers.1", "llm.model.layers.3"}
+    moe_names = set(after) - kept
+    assert moe_names and all(".mlp.moe." in n for n in moe_names)
+    copied = before["llm.model.layers.1.mlp.down_proj.weight"]
+    assert not torch.equal(after["llm.model.layers.1.mlp.moe.experts.down_proj"][0], copied)  # experts trained
+    assert json.loads((out / "sparsevl_config.json").read_text())["llm_moe"]["layers"] == [1, 3]
+
+    assert cli_main(["analyze-routing", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
+                     "--out", str(tmp_path / "routing"), "--limit", "4"]) == 0
+    result = json.loads((tmp_path / "routing" / "routing.json").read_text())
+    assert (tmp_path / "routing" / "routing.png").stat().st_size > 1000
+    assert set(result["counts"]) == {"llm.layer1", "llm.layer3"}
+    for layer in result["counts"].values():
+        assert sum(layer["image"]) == 4 * 64 * 2  # 4 conversations x 64 visual tokens x top-2
+        assert sum(layer["text"]) > 0
+    for shares in result["shares"].values():
+        assert sum(shares["text"]) == pytest.approx(1.0) and sum(shares["image"]) == pytest.approx(1.0)
+
+
+# --- Export to transformers' Qwen3-MoE ---------------------------------------------------------------------------
+
+def upcycled_checkpoint(directory, tokenizer, layers):
+    from sparsevl.data.tokenizer import add_image_token
+    from sparsevl.model.build import build_image_processor
+
+    torch.manual_seed(0)
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    image_token_id = add_image_token(tokenizer)
+    args = ModelArguments(model_name_or_path="tiny-qwen3", moe_enable=True, moe_layers=layers)
+    model = build_model(args, vocab_size=len(tokenizer), image_token_id=image_token_id)
+    perturb_experts(model.llm)
+    processor = build_image_processor(args.vision_tower, model.vision_tower.config)
+    save_checkpoint(model, directory, model_args=args, tokenizer=tokenizer, image_processor=processor)
+    return model
+
+
+@pytest.mark.parametrize("layers, sparse_step, mlp_only", [(None, 2, []), ([0, 3], 1, [1, 2])])
+def test_export_to_qwen3_moe_loads_in_transformers_with_equal_logits(tmp_path, shapes_tokenizer, layers,
+                                                                     sparse_step, mlp_only):
+    model = upcycled_checkpoint(tmp_path / "ckpt", shapes_tokenizer, layers)
+    assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "ckpt"),
+                     "--out", str(tmp_path / "hf")]) == 0
+    hf_model = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    config = hf_model.config
+    assert (config.decoder_sparse_step, config.mlp_only_layers) == (sparse_step, mlp_only)
+    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (4, 2, True)
+    ids = torch.randint(0, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = model.eval().llm(input_ids=ids).logits, hf_model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path):
+    llama, _ = make_model("tiny-llama", moe_enable=True)
+    with pytest.raises(NotExportable, match="'llama' .*no q/k RMSNorm"):
+        qwen3_moe_config(llama.llm)
+    dense, _ = make_model("tiny-qwen3")
+    with pytest.raises(NotExportable, match="no MoE layers"):
+        qwen3_moe_config(dense.llm)
+    capped, _ = make_model("tiny-qwen3", moe_enable=True)
+    moe_feed_forwards(capped.llm)[0][1].moe.capacity_factor = 1.25
+    with pytest.raises(NotExportable, match="decoder layer 1: it has a capacity factor"):
+        qwen3_moe_config(capped.llm)
+    assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "nowhere"),
+                     "--out", str(tmp_path / "hf")]) == 2
+    assert isinstance(moe_feed_forwards(capped.llm)[0][1], MoEFeedForward)
