@@ -36,12 +36,17 @@ def export_llava_hf(model_dir: str | Path, out_dir: str | Path, *, verify: bool 
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
     llava_hf_processor(model, tokenizer, image_processor).save_pretrained(out_dir)
     if verify:
-        difference = llava_hf_parity(model, out_dir)
-        if difference > atol:
-            raise ValueError(f"exported model in {out_dir} differs from {model_dir} by {difference:.3g} in logits "
-                             f"(tolerance {atol}); this model has parts the Llava layout does not express")
-        print(f"verified: plain transformers logits match within {difference:.2g}")
+        check_parity(llava_hf_parity(model, out_dir), atol, out_dir, model_dir,
+                     why="; this model has parts the Llava layout does not express")
     return out_dir
+
+
+def check_parity(difference: float, atol: float, out_dir: Path, model_dir, *, why: str = "") -> None:
+    """Refuse an export whose reloaded logits differ from ours by more than atol; else say how close they are."""
+    if difference > atol:
+        raise ValueError(f"exported model in {out_dir} differs from {model_dir} by {difference:.3g} in logits "
+                         f"(tolerance {atol}){why}")
+    print(f"verified: plain transformers logits match within {difference:.2g}")
 
 
 def llava_hf_parity(model, hf_dir: str | Path, *, text_length: int = 6) -> float:
@@ -86,11 +91,7 @@ def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path, *, verify: bool
     hf_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if verify:
-        difference = qwen3_moe_parity(model.llm, out_dir)
-        if difference > atol:
-            raise ValueError(f"exported model in {out_dir} differs from {model_dir} by {difference:.3g} in logits "
-                             f"(tolerance {atol})")
-        print(f"verified: plain transformers logits match within {difference:.2g}")
+        check_parity(qwen3_moe_parity(model.llm, out_dir), atol, out_dir, model_dir)
     return out_dir
 
 

@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM, PhiConfig, Qwen3MoeForCausalLM
 from sparsevl.cli import main as cli_main
 from sparsevl.config import ModelArguments, parse_train_args
 from sparsevl.model.build import build_model, configure_trainable, load_checkpoint, save_checkpoint
+from sparsevl.model.llava_hf import llava_hf_config
 from sparsevl.model.moe import load_balancing_loss, router_z_loss
 from sparsevl.model.projectors import MoEProjector, build_projector
 from sparsevl.model.qwen3_moe import NotExportable, qwen3_moe_config
-from sparsevl.model.upcycle import MoEFeedForward, MoELayout, moe_feed_forwards, moe_layout, upcycle_llm
+from sparsevl.model.upcycle import MoELayout, apply_moe_arguments, moe_feed_forwards, moe_layout, upcycle_llm
 from sparsevl.train.expert_usage import ExpertUsageCallback, format_usage_table, max_over_min
 from sparsevl.train.run import loss_weights
 from sparsevl.train.trainer import weighted_total
@@ -172,8 +173,6 @@ def test_upcycling_an_llm_of_unknown_mlp_shape_fails_naming_the_flag():
 def test_an_upcycled_checkpoint_asked_for_another_layout_is_refused(tmp_path):
     model, args = make_model("tiny-qwen3", moe_enable=True)
     with pytest.raises(ValueError, match="already upcycled"):
-        from sparsevl.model.upcycle import apply_moe_arguments
-
         apply_moe_arguments(model.llm, ModelArguments(moe_enable=True, num_experts=8))
 
 
@@ -274,4 +273,5 @@ def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path):
         qwen3_moe_config(capped.llm)
     assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "nowhere"),
                      "--out", str(tmp_path / "hf")]) == 2
-    assert isinstance(moe_feed_forwards(capped.llm)[0][1], MoEFeedForward)
+    with pytest.raises(ValueError, match="upcycled MoE layers.*--to qwen3-moe"):
+        llava_hf_config(capped)

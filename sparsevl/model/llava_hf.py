@@ -12,6 +12,7 @@ from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration,
 from sparsevl.config import ModelArguments
 from sparsevl.model.build import _from_pretrained_safetensors, assemble_model, plain_state_dict
 from sparsevl.model.projectors import DenseProjector
+from sparsevl.model.upcycle import moe_layout
 from sparsevl.model.vlm import SparseVLM
 
 # (our prefix, transformers' prefix), first match wins
@@ -64,6 +65,9 @@ def llava_hf_config(model: SparseVLM) -> LlavaConfig:
         raise ValueError(f"vision tower {model.vision_tower.config.model_type!r} has no Llava layout; "
                          f"supported: {_VISION_TYPES}")
     llm = _base_llm(model)
+    if moe_layout(llm) is not None:
+        raise ValueError("the LLM has upcycled MoE layers, which Llava's dense text model does not express; "
+                         "export the LLM with --to qwen3-moe instead")
     return LlavaConfig(vision_config=model.vision_tower.config.to_dict(), text_config=llm.config.to_dict(),
                        image_token_id=model.image_token_id, projector_hidden_act="gelu",
                        vision_feature_layer=model.vision_tower.select_layer,
