@@ -39,7 +39,7 @@ class ModelArguments:
     num_experts: int = field(default=4, metadata={"help": "--moe_enable: experts per upcycled FFN."})
     top_k_experts: int = field(default=2, metadata={"help": "--moe_enable: experts per token (top-k routing)."})
     moe_layers_every: int = field(default=2, metadata={"help": (
-        "--moe_enable: upcycle decoder layers i with (i + 1) % N == 0 (N=2: layers 1, 3, ...; Qwen3-MoE's "
+        "--moe_enable: upcycle decoder layers i with i + 1 divisible by N (N=2: layers 1, 3, ...; Qwen3-MoE's "
         "decoder_sparse_step). Ignored when --moe_layers is given.")})
     moe_layers: list[int] | None = field(default=None, metadata={"help": (
         "--moe_enable: explicit decoder-layer indices to upcycle (0-based), e.g. `--moe_layers 0 2` "

@@ -275,3 +275,14 @@ def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path):
                      "--out", str(tmp_path / "hf")]) == 2
     with pytest.raises(ValueError, match="upcycled MoE layers.*--to qwen3-moe"):
         llava_hf_config(capped)
+
+
+def test_help_lists_the_moe_flags(capsys):
+    assert cli_main(["train", "--help"]) == 0  # argparse %-formats help text: a stray % would raise here
+    text = capsys.readouterr().out
+    for flag in ("--mm_moe_num_experts", "--num_experts", "--top_k_experts", "--moe_layers_every", "--moe_layers",
+                 "--moe_aux_loss_coef", "--router_z_loss_weight"):
+        assert flag in text
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own --help exits 0
+        cli_main(["analyze-routing", "--help"])
+    assert exit_info.value.code == 0 and "--limit" in capsys.readouterr().out
