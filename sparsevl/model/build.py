@@ -76,7 +76,7 @@ def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -
                                select_feature=args.mm_vision_select_feature)
     llm = build_llm(args.model_name_or_path, vocab_size=vocab_size)
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
-                                llm_dim=llm.config.hidden_size)
+                                llm_dim=llm.config.hidden_size, num_query_tokens=args.num_query_tokens)
     return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
 
 
@@ -163,7 +163,7 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
                                select_feature=model_args.mm_vision_select_feature)
     llm = AutoModelForCausalLM.from_config(llm_config)
     projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
-                                llm_dim=llm_config.hidden_size)
+                                llm_dim=llm_config.hidden_size, num_query_tokens=model_args.num_query_tokens)
     model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm,
                       image_token_id=config["image_token_id"])
     model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)

@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sparsevl.model.build import save_checkpoint
+from sparsevl.train.distill import alignment_loss
 
 BEST_DIR = "best-checkpoint"
 
@@ -24,9 +25,11 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
 class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
-    def __init__(self, *args, loss_weights: dict[str, float], model_args, image_processor=None, **kwargs):
+    def __init__(self, *args, loss_weights: dict[str, float], model_args, image_processor=None, teacher=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weights = loss_weights
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None  # sparse_distill only
         self.model_args = model_args
         self.image_processor = image_processor
         self._loss_sums: dict[str, float] = defaultdict(float)
@@ -34,7 +37,14 @@ class SparseVLTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "sample_index"}
-        outputs = model(**inputs)
+        if self.teacher is None:
+            outputs = model(**inputs)
+        else:
+            outputs = model(**inputs, return_hidden_states=True)
+            with torch.no_grad():
+                target = self.teacher(**inputs, return_hidden_states=True).last_hidden_state
+            outputs.losses["align"] = alignment_loss(outputs.last_hidden_state, outputs.kept_index,
+                                                     outputs.kept_mask, target)
         total = weighted_total(outputs.losses, self.loss_weights)
         for name, value in outputs.losses.items():
             self._loss_sums[name] += float(value.detach())
