@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "train": ("sparsevl.train.cli", "main", "train a model (pretrain / finetune stages)"),
     "eval": ("sparsevl.eval.cli", "main", "generate answers on a test split and score them"),
     "demo": ("sparsevl.demo", "main", "end-to-end demo: data, tokenizer, train, eval, plot"),
+    "analyze": ("sparsevl.analyze.cli", "main", "study a trained model (pruning: accuracy vs kept tokens)"),
 }
 
 

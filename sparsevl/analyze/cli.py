@@ -1,0 +1,25 @@
+"""`sparsevl analyze <target> ...`: studies of a trained model, one module per target.
+
+Adding a target is one line in TARGETS; each target is a `main(argv) -> int` imported only when chosen.
+"""
+
+import importlib
+import sys
+
+# target -> ("module", "function", one-line help)
+TARGETS = {
+    "pruning": ("sparsevl.analyze.pruning", "main", "accuracy and prefill FLOPs vs kept visual tokens per pruner"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: sparsevl analyze <target> [args...]\n\ntargets:")
+        print("\n".join(f"  {name:<10} {help_text}" for name, (_, _, help_text) in TARGETS.items()))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in TARGETS:
+        print(f"sparsevl analyze: unknown target {name!r}; choose from: {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = TARGETS[name]
+    return int(getattr(importlib.import_module(module_name), function_name)(rest) or 0)
