@@ -65,7 +65,8 @@ class DataArguments:
 @dataclass
 class SparseVLTrainingArguments(TrainingArguments):
     stage: str = field(default="finetune", metadata={"help": (
-        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template) or finetune.")})
+        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template), finetune, or "
+        "sparse_distill (pruned student + frozen unpruned teacher, loss lm + --align_loss_weight x align).")})
     output_dir: str = field(default="runs/train", metadata={"help": "Where checkpoints and logs go."})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Loggers (tensorboard, none)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -85,8 +86,9 @@ class SparseVLTrainingArguments(TrainingArguments):
 STAGE_DEFAULTS: dict[str, dict] = {
     "pretrain": {"tune_mm_mlp_adapter": True, "conversation_template": "plain"},
     "finetune": {},
-    # frozen unpruned teacher + pruned student (same checkpoint); loss lm + align_loss_weight x hidden-state MSE
-    "sparse_distill": {"token_pruner": "sparsevlm", "pruning_layers": "1", "retained_tokens": "0.125"},
+    # frozen unpruned teacher + pruned student (same checkpoint); loss lm + align_loss_weight x hidden-state MSE.
+    # The schedule (--pruning_layers/--retained_tokens, or --fastv_*) is the user's to give.
+    "sparse_distill": {"token_pruner": "sparsevlm"},
 }
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SparseVLTrainingArguments)

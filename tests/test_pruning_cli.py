@@ -59,7 +59,8 @@ def test_sparse_distill_trains_the_pruned_student_with_the_alignment_loss(checkp
                                                                           tmp_path, capsys):
     out = train(*parse_train_args(train_flags(shapes_dir, shapes_tokenizer, tmp_path / "distill", max_steps=2,
                                               stage="sparse_distill", model_name_or_path=checkpoint,
-                                              learning_rate=1e-3, align_loss_weight=0.5)))
+                                              pruning_layers=1, retained_tokens=0.125, learning_rate=1e-3,
+                                              align_loss_weight=0.5)))
     printed = capsys.readouterr().out
     assert "teacher (frozen, no pruning): training mode frozen: trainable params: 0 ||" in printed
     assert "student (pruned): training mode full: trainable params:" in printed
@@ -76,4 +77,4 @@ def test_sparse_distill_without_an_in_llm_pruner_is_a_clear_error(checkpoint, sh
     with pytest.raises(ValueError, match="--stage sparse_distill needs an in-LLM --token_pruner"):
         train(*parse_train_args(train_flags(shapes_dir, shapes_tokenizer, tmp_path / "d", max_steps=1,
                                             stage="sparse_distill", model_name_or_path=checkpoint,
-                                            token_pruner="cls_attention", pruning_layers="", retained_tokens="8")))
+                                            token_pruner="cls_attention", retained_tokens=8)))

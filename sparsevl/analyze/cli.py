@@ -3,8 +3,7 @@
 Adding a target is one line in TARGETS; each target is a `main(argv) -> int` imported only when chosen.
 """
 
-import importlib
-import sys
+from sparsevl.cli import run_registered
 
 # target -> ("module", "function", one-line help)
 TARGETS = {
@@ -17,9 +16,4 @@ def main(argv: list[str]) -> int:
         print("usage: sparsevl analyze <target> [args...]\n\ntargets:")
         print("\n".join(f"  {name:<10} {help_text}" for name, (_, _, help_text) in TARGETS.items()))
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in TARGETS:
-        print(f"sparsevl analyze: unknown target {name!r}; choose from: {', '.join(TARGETS)}", file=sys.stderr)
-        return 2
-    module_name, function_name, _ = TARGETS[name]
-    return int(getattr(importlib.import_module(module_name), function_name)(rest) or 0)
+    return run_registered(TARGETS, argv, prog="sparsevl analyze", kind="target")
