@@ -93,7 +93,7 @@ def run(args) -> list[dict]:
                      "prefill_gflops": flops / 1e9, "relative_flops": flops / full_flops,
                      "by_type": {k: v["accuracy"] for k, v in metrics.items() if k != "overall"}})
         print(format_row(rows[-1], rows[0]["accuracy"]), flush=True)
-        if pruner != "none" and count == min(counts):
+        if pruner != "none" and count == min(counts) and not getattr(model.projector, "num_output_tokens", None):
             kept_by_name[pruner] = kept_patches(model, sample)
     model.pruning = None
     (out / "pruning_results.json").write_text(json.dumps({"model": str(args.model), "data": str(data),
@@ -102,6 +102,9 @@ def run(args) -> list[dict]:
                                                          indent=2))
     (out / "pruning_table.md").write_text(markdown_table(rows))
     plot_accuracy_vs_tokens(rows, out / "pruning_curve.png")
+    if getattr(model.projector, "num_output_tokens", None):  # visual tokens are learned queries, not patches
+        print("no kept-patch picture: this model's projector does not map tokens to patches")
+        return rows
     record = records[args.sample]
     grid = int(round(model.vision_tower.num_patches ** 0.5))
     plot_kept_patches(load_image(data.parent / record["image"]), kept_by_name, grid, out / "kept_patches.png",
