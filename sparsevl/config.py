@@ -78,6 +78,13 @@ class SparseVLTrainingArguments(TrainingArguments):
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer."})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (GPU only)."})
     moe_load_balancing_weight: float = field(default=0.01, metadata={"help": "Weight of MoE balance losses."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
+        "Continue training from a step checkpoint: a checkpoint-N directory, or `latest` for the newest complete "
+        "one in --output_dir (a fresh start when there is none yet). Restores model, optimizer, scheduler, RNG "
+        "states and the data-loader position.")})
+    max_bad_steps: int = field(default=5, metadata={"help": (
+        "Steps with a non-finite loss or gradient are skipped (weights untouched) and logged with their samples; "
+        "after this many in a row training stops with an error, leaving the last good checkpoint.")})
     align_loss_weight: float = field(default=1.0, metadata={"help": (
         "sparse_distill: weight of the MSE between student and teacher last hidden states on retained tokens.")})
 

@@ -17,8 +17,8 @@ from sparsevl.data.tokenizer import build_tokenizer, save_tokenizer, texts_from_
 MODEL_FLAGS = {"model_name_or_path": "tiny-qwen3", "vision_tower": "tiny-clip", "unfreeze_mm_vision_tower": True,
                "mm_vision_select_layer": -1}
 PRETRAIN_FLAGS = {"stage": "pretrain", "tune_mm_mlp_adapter": False, "conversation_template": "chat",
-                  "learning_rate": 1e-3, "warmup_steps": 0.05, "weight_decay": 0.0}
-FINETUNE_FLAGS = {"stage": "finetune", "learning_rate": 1e-3, "warmup_steps": 0.05, "weight_decay": 0.0}
+                  "warmup_steps": 0.05, "weight_decay": 0.0}
+FINETUNE_FLAGS = {"stage": "finetune", "warmup_steps": 0.05, "weight_decay": 0.0}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain_steps", type=int, default=300, help="optimizer steps on captions")
     p.add_argument("--finetune_steps", type=int, default=900, help="optimizer steps on questions")
     p.add_argument("--batch_size", type=int, default=32, help="samples per step")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate of both stages")
+    p.add_argument("--vision_tower", default=MODEL_FLAGS["vision_tower"], help="vision preset")
+    p.add_argument("--model_name_or_path", default=MODEL_FLAGS["model_name_or_path"], help="LLM preset")
     p.add_argument("--seed", type=int, default=0, help="seed for data and training")
     return p
 
@@ -58,7 +61,8 @@ def main(argv: list[str]) -> int:
     save_tokenizer(tokenizer, out / "tokenizer")
     timings["data_and_tokenizer_s"] = time.perf_counter() - started
 
-    common = {**MODEL_FLAGS, "tokenizer_name_or_path": out / "tokenizer", "per_device_train_batch_size":
+    common = {**MODEL_FLAGS, "vision_tower": args.vision_tower, "model_name_or_path": args.model_name_or_path,
+              "learning_rate": args.learning_rate, "tokenizer_name_or_path": out / "tokenizer", "per_device_train_batch_size":
               args.batch_size, "seed": args.seed, "logging_steps": 25, "save_steps": 100000, "report_to": "tensorboard"}
     stage_start = time.perf_counter()
     pretrained = run_stage("pretrain (captions)", {**common, **PRETRAIN_FLAGS, "data_path": data_dir / "captions.json",

@@ -1,12 +1,11 @@
-"""LLaVA JSON data set and collator: padding, image handling, and bad records named or skipped."""
+"""LLaVA JSON data set and collator: padding, images, caching (bad inputs: tests/test_bad_inputs.py)."""
 
 import json
 
-import pytest
 import torch
 from PIL import Image
 
-from sparsevl.data.conversation import IGNORE_INDEX, BadSampleError
+from sparsevl.data.conversation import IGNORE_INDEX
 from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.model.build import build_image_processor
 from sparsevl.model.presets import vision_preset_config
@@ -48,57 +47,6 @@ def test_text_only_records_need_no_image(tmp_path, shapes_tokenizer):
     path = write_data(tmp_path, [record("t", image=None, question="How many?")])
     batch = PaddingCollator(0)([dataset(path, shapes_tokenizer)[0]])
     assert batch["pixel_values"] is None
-
-
-def test_grey_rgba_and_cmyk_images_become_rgb(tmp_path, shapes_tokenizer):
-    for mode in ("L", "RGBA", "CMYK", "P"):
-        Image.new(mode, (64, 64)).save(tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
-    records = [record(m, image=f"{m}.{'jpg' if m == 'CMYK' else 'png'}") for m in ("L", "RGBA", "CMYK", "P")]
-    data = dataset(write_data(tmp_path, records), shapes_tokenizer)
-    assert all(data[i]["pixel_values"][0].shape == (3, 64, 64) for i in range(4))
-
-
-BAD_RECORDS = {
-    "no-conversations": ({"id": "no-conversations", "image": "ok.png"}, "has no `conversations`"),
-    "missing-image": (record("missing-image", image="nope.png"), "does not exist"),
-    "count-mismatch": (record("count-mismatch", question="What colour?"), "0 <image> placeholders"),
-    "bad-role": ({"id": "bad-role", "image": "ok.png", "conversations": [
-        {"from": "human", "value": "<image>\nq"}, {"from": "bot", "value": "a"}]}, "unknown role 'bot'"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(BAD_RECORDS))
-def test_bad_record_error_names_the_record_and_the_problem(tmp_path, shapes_tokenizer, name):
-    bad, message = BAD_RECORDS[name]
-    path = write_data(tmp_path, [record("good"), bad])
-    with pytest.raises(BadSampleError, match=rf"record #1 \(id '{name}'\): .*{message}"):
-        dataset(path, shapes_tokenizer)
-
-
-def test_skip_bad_samples_counts_every_skipped_record(tmp_path, shapes_tokenizer):
-    (tmp_path / "broken.png").write_bytes(Image.new("RGB", (8, 8)).tobytes()[:10])
-    records = [record("good-1"), *[bad for bad, _ in BAD_RECORDS.values()], record("broken", image="broken.png"),
-               record("good-2")]
-    data = dataset(write_data(tmp_path, records), shapes_tokenizer, skip_bad_samples=True)
-    assert len(data) == 2
-    assert [name for name, _ in data.skipped] == [
-        "#1 (id 'no-conversations')", "#2 (id 'missing-image')", "#3 (id 'count-mismatch')", "#4 (id 'bad-role')",
-        "#5 (id 'broken')"]
-
-
-def test_malformed_json_names_the_file(tmp_path, shapes_tokenizer):
-    path = tmp_path / "bad.json"
-    path.write_text('[{"id": 1,')
-    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
-        dataset(path, shapes_tokenizer)
-
-
-def test_unreadable_image_at_load_time_names_the_record(tmp_path, shapes_tokenizer):
-    path = write_data(tmp_path, [record("later-broken")])
-    data = dataset(path, shapes_tokenizer, cache_images=False)
-    (tmp_path / "ok.png").write_bytes(b"not a png")
-    with pytest.raises(BadSampleError, match="record later-broken: image .*ok.png cannot be read"):
-        data[0]
 
 
 def test_images_are_cached_as_tensors(shapes_dir, shapes_tokenizer):

@@ -6,16 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny import train_flags as flags
+
 from sparsevl.config import parse_train_args
 from sparsevl.train.run import train
-
-
-def flags(shapes_dir, shapes_tokenizer, out, **extra) -> list[str]:
-    values = {"model_name_or_path": "tiny-qwen3", "vision_tower": "tiny-clip", "tokenizer_name_or_path":
-              shapes_tokenizer.name_or_path, "data_path": shapes_dir / "finetune.json", "output_dir": out,
-              "per_device_train_batch_size": 16, "learning_rate": 2e-3, "logging_steps": 5, "save_steps": 20,
-              "report_to": "tensorboard", "seed": 0, **extra}
-    return [token for key, value in values.items() for token in (f"--{key}", str(value))]
 
 
 @pytest.mark.slow

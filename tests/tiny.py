@@ -38,3 +38,12 @@ def right_padded(rows: list[list[int]], pad: int = PAD_ID) -> tuple[torch.Tensor
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def train_flags(shapes_dir, shapes_tokenizer, out, **extra) -> list[str]:
+    """`sparsevl train` flags for a tiny run on the shapes fixture; keyword arguments add or override flags."""
+    values = {"model_name_or_path": "tiny-qwen3", "vision_tower": "tiny-clip", "tokenizer_name_or_path":
+              shapes_tokenizer.name_or_path, "data_path": shapes_dir / "finetune.json", "output_dir": out,
+              "per_device_train_batch_size": 16, "learning_rate": 2e-3, "logging_steps": 5, "save_steps": 20,
+              "report_to": "tensorboard", "seed": 0, **extra}
+    return [token for key, value in values.items() for token in (f"--{key}", str(value))]

@@ -40,12 +40,22 @@ def check_turns(turns, *, num_images: int) -> None:
             raise BadSampleError(f"turn {index} is from {role!r}; turns must alternate human, gpt, human, ...")
         if not isinstance(value, str):
             raise BadSampleError(f"turn {index} value must be a string")
+        if not _is_valid_unicode(value):
+            raise BadSampleError(f"turn {index} is not valid Unicode text (a lone surrogate such as \\ud800)")
         if role in ASSISTANT_ROLES and not value.strip():
             raise BadSampleError(f"turn {index} is an empty assistant answer")
     found = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
     if found != num_images:
         raise BadSampleError(f"conversation has {found} {IMAGE_TOKEN} placeholders but the record has "
                              f"{num_images} image(s)")
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _segments(turns: list[dict], template: str, eos: str) -> list[tuple[str, bool]]:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,20 @@ def read_records(data_path: str | Path) -> list:
     return records
 
 
+# Largest image decoded, in pixels (PIL's own default limit); larger ones are refused before decoding.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB (grey, RGBA, CMYK, palette converted); BadSampleError if unreadable or too big."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; we refuse such images below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        with image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise BadSampleError(f"image {path} is too large: {image.width}x{image.height} pixels is more "
+                                     f"than {MAX_IMAGE_PIXELS} (a decompression bomb?)")
             image.load()
             return image.convert("RGB")
     except FileNotFoundError:
@@ -98,7 +109,7 @@ class LlavaJsonDataset(Dataset):
             if not path.is_file():
                 raise BadSampleError(f"image {path} does not exist")
             if self.skip_bad_samples:
-                load_image(path)  # find unreadable images now, while they can still be skipped
+                self.pixels(path)  # find unreadable images now, while they can still be skipped
         tokenized = tokenize_conversation(record["conversations"], tokenizer, template=template,
                                           max_length=max_length, num_image_tokens=num_image_tokens,
                                           num_images=len(paths))
@@ -106,6 +117,10 @@ class LlavaJsonDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def record_id(self, index: int) -> str:
+        """The `id` of the record behind sample `index` (for messages about a batch)."""
+        return self.samples[index].record_id
 
     def pixels(self, path: Path) -> torch.Tensor:
         """Preprocessed image (channels, height, width), cached in memory when enabled."""

@@ -42,7 +42,7 @@ def build_llm(name_or_path: str, *, vocab_size: int) -> nn.Module:
     if name_or_path in presets.llm_preset_names():
         return AutoModelForCausalLM.from_config(presets.llm_preset_config(name_or_path, vocab_size=vocab_size))
     directory = _check_local_dir(name_or_path, "--model_name_or_path", presets.llm_preset_names())
-    llm = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    llm = _from_pretrained_safetensors(AutoModelForCausalLM, directory)
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         llm.resize_token_embeddings(vocab_size)
     return llm
@@ -55,7 +55,16 @@ def build_vision_encoder(name_or_path: str) -> nn.Module:
         return vision_encoder_class(config.model_type)(config)
     directory = _check_local_dir(name_or_path, "--vision_tower", presets.vision_preset_names())
     model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
-    return vision_encoder_class(model_type).from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    return _from_pretrained_safetensors(vision_encoder_class(model_type), directory)
+
+
+def _from_pretrained_safetensors(model_class, directory: Path) -> nn.Module:
+    """`from_pretrained` in fp32 from safetensors only: a pickled `.bin` is refused, never unpickled."""
+    try:
+        return model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32, use_safetensors=True)
+    except OSError as error:
+        raise ValueError(f"{directory}: cannot load safetensors weights (pickled .bin weights are refused): "
+                         f"{error}") from None
 
 
 def build_image_processor(name_or_path: str, vision_config):
@@ -138,9 +147,7 @@ def save_checkpoint(model: SparseVLM, out_dir: str | Path, *, model_args: ModelA
     config = {"model_args": arch_args, "llm_config": llm.config.to_dict(),
               "vision_config": model.vision_tower.config.to_dict(), "image_token_id": model.image_token_id}
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-    state, aliases = _split_shared(plain_state_dict(model))
-    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / WEIGHTS_NAME,
-              metadata={"aliases": json.dumps(aliases)})
+    save_weights(plain_state_dict(model), out_dir / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if image_processor is not None:
@@ -170,13 +177,22 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
     return model, model_args
 
 
+def save_weights(state: dict[str, torch.Tensor], file: str | Path) -> None:
+    """Write a state dict as safetensors; tied (shared) tensors are stored once and recorded as aliases."""
+    unique, aliases = _split_shared(state)
+    save_file({k: v.contiguous() for k, v in unique.items()}, str(file), metadata={"aliases": json.dumps(aliases)})
+
+
 def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by save_checkpoint, restoring tied (aliased) tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    state = load_file(str(file))
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        state = load_file(str(file))
+    except SafetensorError as error:
+        raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
     for alias, original in aliases.items():
         state[alias] = state[original]
     return state

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
                                   is_checkpoint, load_checkpoint, save_checkpoint)
 from sparsevl.model.pruning import build_pruning_plan
+from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
 from sparsevl.train.distill import make_teacher
+from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer
 
 logger = logging.getLogger(__name__)
@@ -79,18 +82,38 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
                                skip_bad_samples=data_args.skip_bad_samples)
-    if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} bad record(s) of {data_args.data_path}", flush=True)
+    report_skipped(dataset.skipped, data_args.data_path)
+    out_dir = Path(training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, out_dir)
+    remove_staging_dirs(out_dir)
+    guard = NonFiniteGuard(training_args.max_bad_steps)
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               callbacks=[BestCheckpointCallback()], loss_weights=loss_weights(training_args),
-                              model_args=model_args, image_processor=image_processor, teacher=teacher)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    out_dir = Path(training_args.output_dir)
+                              model_args=model_args, image_processor=image_processor, guard=guard,
+                              teacher=teacher)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a file of the checkpoint
+        raise ValueError(f"checkpoint {resume}: refused to unpickle one of its files: {error}") from None
+    if guard.stopped:
+        raise TooManyBadSteps(
+            f"training stopped at step {trainer.state.global_step}: {guard.consecutive} consecutive steps had a "
+            f"non-finite loss or gradient (--max_bad_steps {guard.max_bad_steps}); last: {guard.bad_steps[-1]}. "
+            f"The last good checkpoint is {latest_checkpoint(out_dir)}; no final model was written.")
     if trainer.is_world_process_zero():
         save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
         config = resolved_config(model_args, data_args, training_args)
         config["skipped_records"] = dataset.skipped
+        config["bad_steps"] = guard.bad_steps
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     return out_dir
+
+
+def report_skipped(skipped: list[tuple[str, str]], data_path: str) -> None:
+    """Print every record that --skip_bad_samples dropped, with the reason (also saved in train_config.json)."""
+    if skipped:
+        print(f"skipped {len(skipped)} bad record(s) of {data_path}:", flush=True)
+        for name, reason in skipped:
+            print(f"  {name}: {reason}", flush=True)

@@ -1,15 +1,19 @@
 """The one Trainer of the project: sums the model's named losses with their weights and logs each."""
 
 import json
+import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from sparsevl.model.build import save_checkpoint
+from sparsevl.train.checkpointing import STAGING_PREFIX, load_resume_weights, publish, save_resume_weights
 from sparsevl.train.distill import alignment_loss
+from sparsevl.train.guard import NonFiniteGuard
 
 BEST_DIR = "best-checkpoint"
 
@@ -25,15 +29,19 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
 class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
-    def __init__(self, *args, loss_weights: dict[str, float], model_args, image_processor=None, teacher=None,
-                 **kwargs):
+    def __init__(self, *args, loss_weights: dict[str, float], model_args, image_processor=None,
+                 guard: NonFiniteGuard | None = None, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weights = loss_weights
         self.teacher = teacher.to(self.args.device) if teacher is not None else None  # sparse_distill only
         self.model_args = model_args
         self.image_processor = image_processor
+        self.guard = guard
+        if guard is not None:
+            self.add_callback(guard)
         self._loss_sums: dict[str, float] = defaultdict(float)
         self._loss_steps = 0
+        self._staging_dir: Path | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "sample_index"}
@@ -46,10 +54,23 @@ class SparseVLTrainer(Trainer):
             outputs.losses["align"] = alignment_loss(outputs.last_hidden_state, outputs.kept_index,
                                                      outputs.kept_mask, target)
         total = weighted_total(outputs.losses, self.loss_weights)
-        for name, value in outputs.losses.items():
-            self._loss_sums[name] += float(value.detach())
-        self._loss_steps += 1
+        if math.isfinite(float(total.detach())):  # a skipped step does not count in the logged means
+            for name, value in outputs.losses.items():
+                self._loss_sums[name] += float(value.detach())
+            self._loss_steps += 1
         return (total, outputs) if return_outputs else total
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        sample_index = inputs.get("sample_index")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:
+            indices = [] if sample_index is None else sample_index.tolist()
+            self.guard.observe(loss, [self._sample_name(i) for i in indices])
+        return loss
+
+    def _sample_name(self, index: int) -> str:
+        record_id = getattr(self.train_dataset, "record_id", lambda _: "")(index)
+        return f"{index} (id {record_id!r})" if record_id else str(index)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_steps:
@@ -57,19 +78,62 @@ class SparseVLTrainer(Trainer):
                 logs[f"loss_{name}"] = round(total / self._loss_steps, 5)
             self._loss_sums.clear()
             self._loss_steps = 0
+        if "loss" in logs and self.guard is not None:
+            logs["bad_steps"] = len(self.guard.bad_steps)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        save_checkpoint(self.model, output_dir or self.args.output_dir, model_args=self.model_args,
-                        tokenizer=self.processing_class, image_processor=self.image_processor)
+        output_dir = output_dir or self.args.output_dir
+        save_checkpoint(self.model, output_dir, model_args=self.model_args, tokenizer=self.processing_class,
+                        image_processor=self.image_processor)
+        save_resume_weights(self.model, output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the step checkpoint under a staging folder, rename it into place, then rotate old ones."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_dir = run_dir / f"{STAGING_PREFIX}{name}"
+        if self.args.should_save:
+            shutil.rmtree(self._staging_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            super()._save_checkpoint(model, trial)  # writes into _get_output_dir(), i.e. the staging folder
+        finally:
+            staging, self._staging_dir = self._staging_dir, None
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if not self.args.should_save:
+            return
+        publish(staging / name, run_dir / name)
+        shutil.rmtree(staging)
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging:
+            self.state.best_model_checkpoint = str(run_dir / name)
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_resume_weights(model if model is not None else self.model, resume_from_checkpoint)
 
 
 class BestCheckpointCallback(TrainerCallback):
-    """After each save, keep a copy of the checkpoint with the lowest mean training loss since the last save."""
+    """After each save, keep a copy of the checkpoint with the lowest mean training loss since the last save.
+
+    The copy is staged and renamed like step checkpoints; a resumed run reads the best loss back from best.json.
+    """
 
     def __init__(self):
         self.best_loss = float("inf")
         self._last_save_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_save_step = state.global_step
+        record = Path(args.output_dir) / BEST_DIR / "best.json"
+        if state.global_step and record.is_file():
+            best = json.loads(record.read_text())
+            if best["step"] <= state.global_step:
+                self.best_loss = best["mean_loss"]
 
     def on_save(self, args, state, control, **kwargs):
         window = [e["loss"] for e in state.log_history if "loss" in e and e["step"] > self._last_save_step]
@@ -80,7 +144,8 @@ class BestCheckpointCallback(TrainerCallback):
         source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if mean_loss < self.best_loss and source.is_dir():
             self.best_loss = mean_loss
-            target = Path(args.output_dir) / BEST_DIR
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(source, target)
-            (target / "best.json").write_text(json.dumps({"step": state.global_step, "mean_loss": mean_loss}))
+            staged = Path(args.output_dir) / f"{STAGING_PREFIX}{BEST_DIR}"
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(source, staged)
+            (staged / "best.json").write_text(json.dumps({"step": state.global_step, "mean_loss": mean_loss}))
+            publish(staged, Path(args.output_dir) / BEST_DIR)
