@@ -204,6 +204,7 @@ def test_cls_attention_keeps_the_top_k_of_clip_eager_attention():
     args.token_pruner, args.retained_tokens = "cls_attention", "0.25"
     model.pruning = build_pruning_plan(args, model)
     assert model.num_image_tokens == 16
+    assert build_pruning_plan(args, model) == model.pruning  # a plan already set does not change the next one
     pixels = random_pixels(2)
     encoder = model.vision_tower.encoder
     encoder.set_attn_implementation("eager")

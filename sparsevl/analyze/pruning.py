@@ -70,7 +70,7 @@ def run(args) -> list[dict]:
     model, tokenizer, processor = load_for_inference(args.model)
     data = Path(args.data)
     records = read_records(data)[: args.limit]
-    visual = model.num_image_tokens
+    visual = model.num_projected_tokens
     config = model.llm.config
     text = sum(len(prompt_ids(question_of(r), tokenizer)) - 1 for r in records) / len(records)
     counts = [int(c) for c in args.retained_tokens.split(",") if c]

@@ -99,7 +99,7 @@ def build_pruning_plan(args, model) -> PruningPlan | None:
     _reject_unused(pruner, layers, counts, fastv_set, args.num_recycled_tokens)
     if pruner == "none":
         return None
-    tokens = model.num_image_tokens
+    tokens = model.num_projected_tokens  # not num_image_tokens: a plan already set must not shrink the budget
     if pruner == "cls_attention":
         return _cls_attention_plan(model, counts, tokens)
     if pruner == "fastv" and not layers:

@@ -58,9 +58,14 @@ class SparseVLM(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image entering the LLM (the projector may change the vision tower's count)."""
+        """Visual tokens per image entering the LLM (after any pruning before the LLM)."""
         if self.pruning is not None and self.pruning.num_kept_patches is not None:
             return self.pruning.num_kept_patches
+        return self.num_projected_tokens
+
+    @property
+    def num_projected_tokens(self) -> int:
+        """Visual tokens per image out of the projector (which may change the vision tower's count)."""
         return getattr(self.projector, "num_output_tokens", None) or self.vision_tower.num_output_tokens
 
     @property
