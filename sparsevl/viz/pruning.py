@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,6 +47,10 @@ def plot_kept_patches(image, kept_by_name: dict[str, list[int]], grid: int, out_
         shade.flat[list(kept)] = 1.0
         mask = np.kron(shade, np.ones((int(round(cell_h)), int(round(cell_w)))))[: pixels.shape[0], : pixels.shape[1]]
         axis.imshow(pixels * mask[..., None])
+        for index in kept:  # outline kept patches: on a dark background the shading alone hides them
+            row, column = divmod(index, grid)
+            axis.add_patch(matplotlib.patches.Rectangle((column * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h,
+                                                        fill=False, edgecolor="yellow", linewidth=1.2))
         axis.set_title(f"{name} ({len(kept)})", fontsize=9)
     for axis in axes:
         axis.set_xticks([])
