@@ -13,14 +13,17 @@ from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
                                   is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
+from sparsevl.train.distill import make_teacher
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
 
 logger = logging.getLogger(__name__)
 
 # Arguments that fix the architecture: a checkpoint's values win over the command line's.
-ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature")
+ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+                       "num_query_tokens")
 
 
 def load_model_and_processors(model_args: ModelArguments):
@@ -51,7 +54,7 @@ def _with_architecture_of(current: ModelArguments, saved: ModelArguments) -> Mod
 
 
 def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
-    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight}
+    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight, "align": training_args.align_loss_weight}
 
 
 def describe_parameters(model, mode: str) -> str:
@@ -66,8 +69,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
         raise ValueError("--data_path is required")
     set_seed(training_args.seed)
     model, tokenizer, image_processor, model_args = load_model_and_processors(model_args)
+    model.pruning = build_pruning_plan(model_args, model)
+    teacher = None
+    if training_args.stage == "sparse_distill":
+        if not model.prunes_in_llm:  # the alignment maps student tokens to the teacher's by position in the LLM
+            raise ValueError("--stage sparse_distill needs an in-LLM --token_pruner (sparsevlm, fastv or random)")
+        teacher = make_teacher(model)
+        print("teacher (frozen, no pruning): " + describe_parameters(teacher, "frozen"), flush=True)
     mode = configure_trainable(model, model_args)
-    print(describe_parameters(model, mode), flush=True)
+    print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
@@ -80,7 +90,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               callbacks=[BestCheckpointCallback()], loss_weights=loss_weights(training_args),
-                              model_args=model_args, image_processor=image_processor, guard=guard)
+                              model_args=model_args, image_processor=image_processor, guard=guard,
+                              teacher=teacher)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a file of the checkpoint
