@@ -3,7 +3,7 @@
 Setup: 4096 tokens, d=512, ffn 2048, 8 experts, top-2, fp32, 2 threads, GatedMLPExperts (SiLU-gated,
 the Qwen3-MoE / upcycled-LLaMA expert) against one dense LlamaMLP of the same size. Prompt-sized cases
 time forward+backward (grads of input and all weights); decode-sized cases time forward under no_grad.
-Variants are timed in interleaved rounds so that load from other processes hits all of them alike.
+Prompt-sized variants are timed in interleaved rounds so that load from other processes hits all alike.
 
     PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2]
 """
@@ -65,17 +65,19 @@ def train_step(forward, module, x, grad_out):
     return step
 
 
-def medians_ms(steps, repeats):
-    """Median (wall, process CPU) milliseconds per step after one warm-up each, timed in interleaved rounds.
+def medians_ms(steps, repeats, interleave=True):
+    """Median (wall, process CPU) milliseconds per step after one warm-up each.
 
-    Process CPU time counts the work of all threads and is far less disturbed than wall time when other
-    jobs share the cores; both are printed.
+    Interleaved rounds spread load from other jobs over all variants; decode-sized steps run back to back
+    instead, so that each finds its own weights in cache (interleaving favours variants that share weights).
+    Process CPU time counts the work of all threads and is less disturbed than wall time by other jobs.
     """
     times = {name: [] for name in steps}
+    rounds = [list(steps.items())] * repeats if interleave else [[item] * repeats for item in steps.items()]
     for step in steps.values():
         step()
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for round_ in rounds:
+        for name, step in round_:
             wall, cpu = time.perf_counter(), time.process_time()
             step()
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
@@ -145,7 +147,7 @@ def decode_case(num_tokens, moe, loop_moe, hf_block, config, dense, repeats):
     }
     if num_tokens <= 16:  # batched_mm gathers 3 * FFN * DIM floats per assignment
         steps["hf batched_mm"] = lambda: hf_forward(hf_block, config, "batched_mm")(x)
-    ms = medians_ms(steps, repeats)
+    ms = medians_ms(steps, repeats, interleave=False)
     dense_wall, dense_cpu = ms.pop("dense")
     print(f"{num_tokens:3d} tokens, {touched} distinct experts touched; dense {dense_wall:.2f} ms wall, "
           f"{dense_cpu:.2f} ms cpu; time / dense (wall, cpu):")

@@ -31,5 +31,5 @@ sparsevl train --config configs/moe_tuning/stage3.yaml --model_name_or_path "$OU
     --data_path "$OUT/data/finetune.json" --output_dir "$OUT/stage3" "${COMMON[@]}"
 
 sparsevl eval --model "$OUT/stage3" --data "$OUT/data/test_qa.json" --out "$OUT/eval"
-sparsevl analyze-routing --model "$OUT/stage3" --data "$OUT/data/test_qa.json" --out "$OUT/routing"
+sparsevl analyze routing --model "$OUT/stage3" --data "$OUT/data/test_qa.json" --out "$OUT/routing"
 sparsevl export --to qwen3-moe --model "$OUT/stage3" --out "$OUT/qwen3_moe"

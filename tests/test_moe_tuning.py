@@ -138,6 +138,9 @@ def test_llm_losses_are_the_sum_over_moe_layers_and_handed_over_once():
     torch.testing.assert_close(losses["llm_balance"], per_layer[0]["balance"] + per_layer[1]["balance"])
     torch.testing.assert_close(losses["llm_z"], per_layer[0]["z"] + per_layer[1]["z"])
     assert all(ffn.pop_losses() == {} for _, ffn in moe_feed_forwards(model.llm))
+    looped = model(ids, mask, pixels, return_hidden_states=True)  # our decoder loop (the pruning path) too
+    torch.testing.assert_close(looped.losses["llm_balance"], losses["llm_balance"])
+    torch.testing.assert_close(looped.logits, model(ids, mask, pixels).logits)
 
 
 # --- Bad input --------------------------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def test_stage_moe_trains_only_moe_layers_logs_usage_and_analyzes(tmp_path, shap
     assert not torch.equal(after["llm.model.layers.1.mlp.moe.experts.down_proj"][0], copied)  # experts trained
     assert json.loads((out / "sparsevl_config.json").read_text())["llm_moe"]["layers"] == [1, 3]
 
-    assert cli_main(["analyze-routing", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
+    assert cli_main(["analyze", "routing", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
                      "--out", str(tmp_path / "routing"), "--limit", "4"]) == 0
     result = json.loads((tmp_path / "routing" / "routing.json").read_text())
     assert (tmp_path / "routing" / "routing.png").stat().st_size > 1000
@@ -284,5 +287,5 @@ def test_help_lists_the_moe_flags(capsys):
                  "--moe_aux_loss_coef", "--router_z_loss_weight"):
         assert flag in text
     with pytest.raises(SystemExit) as exit_info:  # argparse's own --help exits 0
-        cli_main(["analyze-routing", "--help"])
+        cli_main(["analyze", "routing", "--help"])
     assert exit_info.value.code == 0 and "--limit" in capsys.readouterr().out

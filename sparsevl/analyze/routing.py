@@ -1,4 +1,4 @@
-"""`sparsevl analyze-routing --model DIR --data FILE [FILE ...] --out DIR`: where text and image tokens are routed.
+"""`sparsevl analyze routing --model DIR --data FILE [FILE ...] --out DIR`: where text and image tokens are routed.
 
 For every MoE layer of a checkpoint (the moe projector; the upcycled LLM layers) and every expert: the share of
 text tokens and of image tokens routed to it, and the share of its tokens that are image tokens (MoE-LLaVA's
@@ -69,7 +69,7 @@ def routing_shares(counts: dict[str, dict[str, list[int]]]) -> dict[str, dict[st
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsevl analyze-routing", description=__doc__,
+    p = argparse.ArgumentParser(prog="sparsevl analyze routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="sparsevl checkpoint with MoE layers")
     p.add_argument("--data", nargs="+", required=True, help="LLaVA JSON conversation file(s), e.g. test_qa.json")
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     try:
         result = analyze(args.model, args.data, args.out, limit=args.limit, batch_size=args.batch_size)
     except (ValueError, FileNotFoundError) as error:
-        print(f"sparsevl analyze-routing: error: {error}", file=sys.stderr)
+        print(f"sparsevl analyze routing: error: {error}", file=sys.stderr)
         return 2
     for name, shares in result["shares"].items():
         cells = " ".join(f"{share:.2f}" for share in shares["image_fraction"])

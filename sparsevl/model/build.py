@@ -93,7 +93,8 @@ def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -
 
 def projector_options(args: ModelArguments) -> dict:
     """Projector settings beyond the two sizes (read by the projectors that use them)."""
-    return {"num_experts": args.mm_moe_num_experts, "top_k": args.mm_moe_top_k}
+    return {"num_query_tokens": args.num_query_tokens, "num_experts": args.mm_moe_num_experts,
+            "top_k": args.mm_moe_top_k}
 
 
 def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from sparsevl.model.decoder import LayerwiseCache, decoder_forward
+from sparsevl.model.pruning import PruningContext, PruningPlan, cls_attention_patches
 from sparsevl.model.vision import VisionTower
 
 IGNORE_INDEX = -100
@@ -34,27 +36,53 @@ class VLMOutput:
     logits: torch.Tensor  # (batch, seq, vocab)
     losses: dict[str, torch.Tensor]  # named losses: "lm", the projector's auxiliary ones, "llm_*" of LLM modules
     inputs: MultimodalInputs
+    last_hidden_state: torch.Tensor | None = None  # (batch, kept seq, dim), from the decoder loop only
+    kept_index: torch.Tensor | None = None  # (batch, kept seq) position in `inputs` of each output; None: all
+    kept_mask: torch.Tensor | None = None  # (batch, kept seq) True at real (not fill) positions
 
 
 class SparseVLM(nn.Module):
-    """Vision tower + projector + any transformers causal LM."""
+    """Vision tower + projector + any transformers causal LM.
 
-    def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int):
+    With a `pruning` plan set, visual tokens are dropped (before the LLM for cls_attention, else between
+    decoder layers by our own decoder loop); without one the LLM's own forward runs.
+    """
+
+    def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int,
+                 pruning: PruningPlan | None = None):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.pruning = pruning
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image entering the LLM (the projector may change the vision tower's count)."""
+        """Visual tokens per image entering the LLM (after any pruning before the LLM)."""
+        if self.pruning is not None and self.pruning.num_kept_patches is not None:
+            return self.pruning.num_kept_patches
+        return self.num_projected_tokens
+
+    @property
+    def num_projected_tokens(self) -> int:
+        """Visual tokens per image out of the projector (which may change the vision tower's count)."""
         return getattr(self.projector, "num_output_tokens", None) or self.vision_tower.num_output_tokens
+
+    @property
+    def prunes_in_llm(self) -> bool:
+        return self.pruning is not None and bool(self.pruning.steps)
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(images, channels, height, width) -> projected visual tokens (images, tokens, llm_dim), aux losses."""
-        features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
-        return self.projector(features)
+        if self.pruning is None or self.pruning.num_kept_patches is None:
+            features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
+            return self.projector(features)
+        hidden_states = self.vision_tower.all_hidden_states(pixel_values)
+        features = self.vision_tower.select_tokens(hidden_states[self.vision_tower.select_layer])
+        kept = cls_attention_patches(self.vision_tower, hidden_states, self.pruning.num_kept_patches)
+        embeds, losses = self.projector(features)  # (images, patches, llm_dim)
+        return embeds.gather(1, kept[..., None].expand(-1, -1, embeds.shape[-1])), losses
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -101,14 +129,37 @@ class SparseVLM(nn.Module):
         return row, next_image
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_hidden_states: bool = False) -> VLMOutput:
+        """Logits and named losses; with pruning (or `return_hidden_states`) via our decoder loop."""
         inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
-        logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False).logits
+        if not (self.prunes_in_llm or return_hidden_states):
+            logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                              position_ids=inputs.position_ids, use_cache=False).logits
+            losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
+            if inputs.labels is not None:
+                losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
+            return VLMOutput(logits=logits, losses=losses, inputs=inputs)
+        out = decoder_forward(self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
+                              plan=self.pruning, context=self.pruning_context(input_ids, attention_mask, inputs))
         losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
         if inputs.labels is not None:
-            losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
-        return VLMOutput(logits=logits, losses=losses, inputs=inputs)
+            kept_labels = inputs.labels.gather(1, out.kept_index).masked_fill(~out.kept_mask, IGNORE_INDEX)
+            losses = {"lm": causal_lm_loss(out.logits, kept_labels), **losses}
+        return VLMOutput(logits=out.logits, losses=losses, inputs=inputs, last_hidden_state=out.last_hidden_state,
+                         kept_index=out.kept_index, kept_mask=out.kept_mask)
+
+    def pruning_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        inputs: MultimodalInputs) -> PruningContext:
+        """Which merged tokens are visual, and which may rate them: instruction text after the first image
+        (never answer tokens, which carry labels, so training ranks tokens as inference does)."""
+        valid = inputs.attention_mask.bool()
+        after_image = inputs.image_mask.long().cumsum(1) > 0
+        raters = valid & ~inputs.image_mask & after_image
+        if inputs.labels is not None:
+            raters &= inputs.labels == IGNORE_INDEX
+        images_per_row = ((input_ids == self.image_token_id) & attention_mask.bool()).sum(1)
+        return PruningContext(inputs.image_mask, raters, images_per_row)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -125,13 +176,17 @@ class SparseVLM(nn.Module):
         if on_inputs is not None:
             on_inputs(inputs)
         embeds, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
-        cache = DynamicCache() if use_cache else None
+        context = self.pruning_context(input_ids, attention_mask, inputs) if self.prunes_in_llm else None
+        cache = DynamicCache() if use_cache and context is None else None
         step_embeds, step_positions = embeds, positions
         new_tokens = torch.empty(len(embeds), 0, dtype=torch.long, device=embeds.device)
         finished = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
         for _ in range(max_new_tokens):
-            logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
-                              past_key_values=cache, use_cache=use_cache).logits[:, -1]
+            if context is None:
+                logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                                  past_key_values=cache, use_cache=use_cache).logits[:, -1]
+            else:
+                logits, cache = self._pruned_step(step_embeds, mask, step_positions, context, cache, use_cache)
             token = _next_token(logits, temperature, generator)
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
             if on_token is not None:
@@ -150,6 +205,15 @@ class SparseVLM(nn.Module):
                 embeds = torch.cat([embeds, token_embeds], dim=1)
                 step_embeds, step_positions = embeds, positions
         return [_until_eos(row, eos_token_id) for row in new_tokens.tolist()]
+
+    def _pruned_step(self, embeds, mask, positions, context: PruningContext, past: LayerwiseCache | None,
+                     use_cache: bool) -> tuple[torch.Tensor, LayerwiseCache | None]:
+        """Next-token logits through the decoder loop: prefill prunes; cached steps reuse each layer's kept KV;
+        uncached steps re-run the whole sequence, rated by the same prompt tokens as the prefill."""
+        out = decoder_forward(self.llm, embeds, mask, positions, plan=self.pruning,
+                              context=context.padded_to(embeds.shape[1]) if past is None else None,
+                              past=past, use_cache=use_cache, logits_to_keep=1, padding_side="left")
+        return out.logits[:, -1], out.past
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}

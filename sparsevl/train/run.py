@@ -13,8 +13,10 @@ from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
                                   is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.model.upcycle import apply_moe_arguments
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
+from sparsevl.train.distill import make_teacher
 from sparsevl.train.expert_usage import ExpertUsageCallback
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Arguments that fix the architecture: a checkpoint's values win over the command line's.
 ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
-                       "mm_moe_num_experts", "mm_moe_top_k")
+                       "num_query_tokens", "mm_moe_num_experts", "mm_moe_top_k")
 
 
 def load_model_and_processors(model_args: ModelArguments):
@@ -58,7 +60,7 @@ def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
     """Weight of every named loss a model may return (the trainer refuses a loss without one)."""
     z_weight = training_args.router_z_loss_weight
     return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight, "z": z_weight,
-            "llm_balance": training_args.moe_aux_loss_coef, "llm_z": z_weight}
+            "llm_balance": training_args.moe_aux_loss_coef, "llm_z": z_weight, "align": training_args.align_loss_weight}
 
 
 def describe_parameters(model, mode: str) -> str:
@@ -73,8 +75,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
         raise ValueError("--data_path is required")
     set_seed(training_args.seed)
     model, tokenizer, image_processor, model_args = load_model_and_processors(model_args)
+    model.pruning = build_pruning_plan(model_args, model)
+    teacher = None
+    if training_args.stage == "sparse_distill":
+        if not model.prunes_in_llm:  # the alignment maps student tokens to the teacher's by position in the LLM
+            raise ValueError("--stage sparse_distill needs an in-LLM --token_pruner (sparsevlm, fastv or random)")
+        teacher = make_teacher(model)
+        print("teacher (frozen, no pruning): " + describe_parameters(teacher, "frozen"), flush=True)
     mode = configure_trainable(model, model_args)
-    print(describe_parameters(model, mode), flush=True)
+    print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
@@ -88,7 +97,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               callbacks=[BestCheckpointCallback(), ExpertUsageCallback()],
                               loss_weights=loss_weights(training_args),
-                              model_args=model_args, image_processor=image_processor, guard=guard)
+                              model_args=model_args, image_processor=image_processor, guard=guard,
+                              teacher=teacher)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a file of the checkpoint
