@@ -53,12 +53,19 @@ def test_a_nan_gradient_leaves_weights_and_optimizer_state_untouched():
 
 
 def test_a_nan_batch_is_skipped_counted_and_named(shapes_dir, shapes_tokenizer, tmp_path, monkeypatch):
-    bad_index = 5
-    poison(monkeypatch, lambda call, index: index == bad_index)
+    drawn = {}  # the sample drawn 10th (third batch) turns bad: chosen by draw order so it is surely drawn
+
+    def is_bad(call, index):
+        if call == 10:
+            drawn["index"] = index
+        return index == drawn.get("index")
+
+    poison(monkeypatch, is_bad)
     out = train(*parse_train_args(train_flags(shapes_dir, shapes_tokenizer, tmp_path / "run", max_steps=16,
                                               per_device_train_batch_size=4, logging_steps=1, save_steps=100,
                                               report_to="none", max_bad_steps=2)))
     config = json.loads((out / "train_config.json").read_text())
+    bad_index = drawn["index"]
     record_id = json.loads((shapes_dir / "finetune.json").read_text())[bad_index]["id"]
     [bad] = config["bad_steps"]
     assert bad["reason"] == "non-finite loss" and len(bad["samples"]) == 4
