@@ -34,6 +34,30 @@ class ModelArguments:
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    use_adaptive_layer_selection: bool = field(default=False, metadata={"help": (
+        "A small classifier picks, per image, which vision layer feeds the projector (instead of "
+        "--mm_vision_select_layer). Training tries the classifier's --top_k_layers layers and learns from the best.")})
+    candidate_layers: list[int] | None = field(default=None, metadata={"help": (
+        "Vision layers the adaptive classifier chooses from (hidden-state indices like --mm_vision_select_layer: "
+        "-1 is the last layer, 0 the embeddings); default: every layer's output.")})
+    top_k_layers: int = field(default=3, metadata={"help": (
+        "Adaptive training runs the classifier's k most likely layers through projector + LLM (as one batch of "
+        "k x batch); the layer with the lowest per-sample LM loss is the classifier's target.")})
+    layer_classifier_use_text: bool = field(default=False, metadata={"help": (
+        "The layer classifier also sees the mean embedding of the text instruction (not the answer).")})
+    layer_classifier_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the layer classifier MLP."})
+
+    def __post_init__(self):
+        if self.top_k_layers < 1:
+            raise ValueError(f"--top_k_layers must be at least 1, got {self.top_k_layers}")
+        if self.candidate_layers is not None:
+            if not self.candidate_layers:
+                raise ValueError("--candidate_layers is empty; give at least one layer index or leave it unset")
+            if len(set(self.candidate_layers)) != len(self.candidate_layers):
+                raise ValueError(f"--candidate_layers {self.candidate_layers} repeats a layer")
+            if self.use_adaptive_layer_selection and self.top_k_layers > len(self.candidate_layers):
+                raise ValueError(f"--top_k_layers {self.top_k_layers} is larger than the {len(self.candidate_layers)} "
+                                 f"--candidate_layers {self.candidate_layers}")
 
 
 @dataclass
@@ -68,6 +92,11 @@ class SparseVLTrainingArguments(TrainingArguments):
         "Continue training from a step checkpoint: a checkpoint-N directory, or `latest` for the newest complete "
         "one in --output_dir (a fresh start when there is none yet). Restores model, optimizer, scheduler, RNG "
         "states and the data-loader position.")})
+    layer_classifier_loss_weight: float = field(default=0.1, metadata={"help": (
+        "Weight of the adaptive layer classifier's cross-entropy loss (`layer_cls`) in the total loss.")})
+    layer_exploration_warmup_steps: int = field(default=0, metadata={"help": (
+        "Adaptive selection: for the first N optimizer steps the k layers tried per image are drawn uniformly "
+        "at random instead of the classifier's top-k, so every layer gets a chance to be the target.")})
     max_bad_steps: int = field(default=5, metadata={"help": (
         "Steps with a non-finite loss or gradient are skipped (weights untouched) and logged with their samples; "
         "after this many in a row training stops with an error, leaving the last good checkpoint.")})
@@ -121,7 +150,10 @@ def parse_train_args(argv: list[str] | None = None):
         raise SystemExit(f"--stage {stage!r} is unknown; choose from: {', '.join(STAGE_DEFAULTS)}")
     full_argv = _dict_to_flags(STAGE_DEFAULTS[stage]) + yaml_flags + argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    return parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+    try:
+        return parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+    except ValueError as error:  # a dataclass's __post_init__ refused a combination of flags
+        raise SystemExit(f"invalid arguments: {error}") from None
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, C
 
 from sparsevl.config import ModelArguments
 from sparsevl.model import presets
+from sparsevl.model.adaptive import build_layer_selector
 from sparsevl.model.projectors import build_projector
 from sparsevl.model.vision import VisionTower, vision_encoder_class
 from sparsevl.model.vlm import SparseVLM
@@ -86,7 +87,9 @@ def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -
     llm = build_llm(args.model_name_or_path, vocab_size=vocab_size)
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm.config.hidden_size)
-    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
+    selector = build_layer_selector(args, vision_tower=vision_tower, text_dim=llm.get_input_embeddings().embedding_dim)
+    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
+                     layer_selector=selector)
 
 
 def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
@@ -107,6 +110,8 @@ def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
         model.llm.requires_grad_(True)
         mode = "full"
     model.projector.requires_grad_(True)
+    if model.layer_selector is not None:
+        model.layer_selector.requires_grad_(True)
     if args.unfreeze_mm_vision_tower and mode != "projector":
         model.vision_tower.requires_grad_(True)
         mode += "+vision"
@@ -171,8 +176,10 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
     llm = AutoModelForCausalLM.from_config(llm_config)
     projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm_config.hidden_size)
+    selector = build_layer_selector(model_args, vision_tower=vision_tower,
+                                    text_dim=llm.get_input_embeddings().embedding_dim)
     model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm,
-                      image_token_id=config["image_token_id"])
+                      image_token_id=config["image_token_id"], layer_selector=selector)
     model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
     return model, model_args
 

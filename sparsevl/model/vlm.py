@@ -33,37 +33,60 @@ class VLMOutput:
     logits: torch.Tensor  # (batch, seq, vocab)
     losses: dict[str, torch.Tensor]  # named losses: "lm" plus the projector's auxiliary ones
     inputs: MultimodalInputs
+    selected_layers: torch.Tensor | None = None  # (images,) vision hidden-state index per image (adaptive training)
 
 
 class SparseVLM(nn.Module):
-    """Vision tower + projector + any transformers causal LM."""
+    """Vision tower + projector + any transformers causal LM.
 
-    def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int):
+    With a `layer_selector` (sparsevl.model.adaptive) each image's vision layer is chosen per image instead of
+    the tower's fixed `select_layer`; the selector also runs the training forward that tries several layers.
+    """
+
+    def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int,
+                 layer_selector: nn.Module | None = None):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.layer_selector = layer_selector
 
     @property
     def num_image_tokens(self) -> int:
         """Visual tokens per image entering the LLM (the projector may change the vision tower's count)."""
         return getattr(self.projector, "num_output_tokens", None) or self.vision_tower.num_output_tokens
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(images, channels, height, width) -> projected visual tokens (images, tokens, llm_dim), aux losses."""
-        features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
+    def encode_images(self, pixel_values: torch.Tensor, *, instruction: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(images, channels, height, width) -> projected visual tokens (images, tokens, llm_dim), aux losses.
+
+        With a layer selector, each image's most likely layer (`instruction`: (images, dim) text for its classifier).
+        """
+        if self.layer_selector is None:
+            features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
+        else:
+            features = self.layer_selector.select_features(self.vision_tower, pixel_values, instruction)
         return self.projector(features)
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                        *, padding_side: str = "right") -> tuple[MultimodalInputs, dict[str, torch.Tensor]]:
         """Replace every `<image>` placeholder by its image's tokens and re-pad the batch."""
+        text_embeds = self.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
         if pixel_values is not None and len(pixel_values) > 0:
-            image_embeds, aux_losses = self.encode_images(pixel_values)
+            instruction = None if self.layer_selector is None else self.layer_selector.instruction_per_image(
+                text_embeds, input_ids, attention_mask, labels, image_token_id=self.image_token_id)
+            image_embeds, aux_losses = self.encode_images(pixel_values, instruction=instruction)
         else:
             image_embeds, aux_losses = None, {}
-        text_embeds = self.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
+        return self.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels,
+                                 padding_side=padding_side), aux_losses
+
+    def merge_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_embeds: torch.Tensor,
+                     image_embeds: torch.Tensor | None, labels: torch.Tensor | None = None,
+                     *, padding_side: str = "right") -> MultimodalInputs:
+        """Splice projected images (images, tokens, dim), in placeholder order, into the text embeddings."""
         rows, next_image = [], 0
         for i in range(input_ids.shape[0]):
             keep = attention_mask[i].bool()
@@ -74,7 +97,7 @@ class SparseVLM(nn.Module):
         num_images = 0 if image_embeds is None else image_embeds.shape[0]
         if next_image != num_images:
             raise ValueError(f"the batch has {num_images} images but {next_image} {'<image>'} placeholders")
-        return _pad_rows(rows, padding_side, with_labels=labels is not None), aux_losses
+        return _pad_rows(rows, padding_side, with_labels=labels is not None)
 
     def _merge_row(self, ids, embeds, row_labels, image_embeds, next_image):
         """One sample: splice image tokens in at each placeholder. Returns (pieces dict, next image index)."""
@@ -101,12 +124,19 @@ class SparseVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        has_images = pixel_values is not None and len(pixel_values) > 0
+        if self.layer_selector is not None and self.training and labels is not None and has_images:
+            return self.layer_selector.training_forward(self, input_ids, attention_mask, pixel_values, labels)
         inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
-        logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False).logits
+        logits = self.lm_logits(inputs)
         if inputs.labels is not None:
             losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
         return VLMOutput(logits=logits, losses=losses, inputs=inputs)
+
+    def lm_logits(self, inputs: MultimodalInputs) -> torch.Tensor:
+        """The LLM over merged inputs, no cache: (batch, seq, vocab)."""
+        return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                        position_ids=inputs.position_ids, use_cache=False).logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,

@@ -25,6 +25,13 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     return sum(weights[name] * value for name, value in losses.items())
 
 
+class LogValuesCallback(TrainerCallback):
+    """A callback whose values (read from counters kept on the model) join every training log entry."""
+
+    def log_values(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
 class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
@@ -71,6 +78,10 @@ class SparseVLTrainer(Trainer):
             self._loss_steps = 0
         if "loss" in logs and self.guard is not None:
             logs["bad_steps"] = len(self.guard.bad_steps)
+        if "loss" in logs:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, LogValuesCallback):
+                    logs.update(callback.log_values())
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
