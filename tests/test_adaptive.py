@@ -8,7 +8,7 @@ import torch
 from tiny import IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, right_padded, train_flags
 
 from sparsevl.config import ModelArguments, parse_train_args
-from sparsevl.model.adaptive import SELECTION_STATS_HEADER, build_layer_selector, format_layer_stats
+from sparsevl.model.adaptive import SELECTION_STATS_HEADER, build_layer_selector, format_layer_stats, score_layers
 from sparsevl.model.build import load_checkpoint
 from sparsevl.model.vision import VisionTower
 from sparsevl.model.vlm import IGNORE_INDEX, SparseVLM, causal_lm_loss
@@ -60,6 +60,10 @@ def test_min_loss_target_equals_brute_force_over_all_layers():
     brute = _per_sample_losses(model, layers, ids, mask, labels, pixels)
     best = brute.argmin(dim=1)
     assert len(set(best.tolist())) > 1, "test data should make different layers win"
+    features = model.layer_selector.candidate_features(model.vision_tower, pixels)  # (layers, images, ...)
+    text_embeds = model.llm.get_input_embeddings()(ids)
+    scored = score_layers(model, features, ids, mask, text_embeds, labels)  # one call of layers x batch rows
+    torch.testing.assert_close(scored, brute.T, atol=1e-5, rtol=1e-5)
     assert out.selected_layers.tolist() == [layers[j] for j in best.tolist()]
     counts = _token_counts(labels).float()
     expected_lm = (brute.min(dim=1).values * counts).sum() / counts.sum()  # token mean over the winning rows

@@ -1,10 +1,12 @@
 """Adaptive vision-layer selection: a light classifier picks, per image, which vision layer feeds the projector.
 
 The vision tower runs once and returns every layer's hidden states. In training the classifier's top-k layers
-(or k uniformly random ones while exploring) all go through projector + LLM in one call of k x batch rows; per
-sample, the layer with the lowest LM loss supplies the LM loss and is the classifier's cross-entropy target
-(`layer_cls`). Inference uses the classifier's argmax. The classifier reads detached inputs and the top-k choice
-is not differentiable, so `layer_cls` trains only the classifier and the LM loss never reaches it.
+(or k uniformly random ones while exploring) are scored in one projector + LLM call of k x batch rows without
+autograd; per sample, the layer with the lowest LM loss is the classifier's cross-entropy target (`layer_cls`)
+and is run once more, with autograd, to supply the LM loss that trains the rest. A step thus costs k forward
+passes plus one forward-backward instead of k forward-backwards. Inference uses the classifier's argmax.
+The classifier reads detached inputs and the top-k choice is not differentiable, so `layer_cls` trains only the
+classifier and the LM loss never reaches it.
 
 Layers are hidden-state indices as `--mm_vision_select_layer` takes them: 0 is the embeddings, N the last layer.
 """
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevl.model.vision import hidden_state_index
-from sparsevl.model.vlm import IGNORE_INDEX, MultimodalInputs, VLMOutput
+from sparsevl.model.vlm import IGNORE_INDEX, MultimodalInputs, VLMOutput, causal_lm_loss
 
 SELECTION_STATS_HEADER = "=== Layer selection stats ==="
 
@@ -112,35 +114,56 @@ class AdaptiveLayerSelector(nn.Module):
 
     def training_forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          pixel_values: torch.Tensor, labels: torch.Tensor) -> VLMOutput:
-        """Try k layers per image in one k x batch pass of `model` (a SparseVLM); per sample the min-loss layer wins."""
-        batch = len(input_ids)
+        """Score k layers per image in one k x batch pass of `model` (a SparseVLM) without autograd, then train
+        on each sample's lowest-loss layer; the vision tower runs once."""
         text_embeds = model.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
         features = self.candidate_features(model.vision_tower, pixel_values)  # (layers, images, tokens, vdim)
         instruction = self.instruction_per_image(text_embeds, input_ids, attention_mask, labels,
                                                  image_token_id=model.image_token_id)
         layer_logits = self.layer_logits(features, instruction)  # (images, layers)
-        tried = self.layers_to_try(layer_logits)  # (k, images)
-        k, num_images = tried.shape
-        image_index = torch.arange(num_images, device=tried.device)
-        picked = features[tried, image_index]  # (k, images, tokens, vdim)
-        image_embeds, aux_losses = model.projector(picked.flatten(0, 1))  # (k * images, tokens, dim), copy-major
-        # Row c * batch + i is copy c of sample i; it consumes copy c's images in placeholder order.
-        inputs = model.merge_inputs(input_ids.repeat(k, 1), attention_mask.repeat(k, 1), text_embeds.repeat(k, 1, 1),
-                                    image_embeds, labels.repeat(k, 1))
-        logits = model.lm_logits(inputs)  # (k * batch, seq, vocab)
-        loss_sums, token_counts = per_sample_lm_loss(logits, inputs.labels)  # (k * batch,) each
-        best_copy = min_loss_copy(loss_sums.view(k, batch), token_counts.view(k, batch))  # (batch,)
-        best_rows = best_copy * batch + torch.arange(batch, device=best_copy.device)
-        lm = loss_sums[best_rows].sum() / token_counts[best_rows].sum().clamp(min=1)
+        tried = self.layers_to_try(layer_logits)  # (k, images) candidate positions
+        image_index = torch.arange(tried.shape[1], device=tried.device)
         sample_of_image = image_rows(input_ids, attention_mask, model.image_token_id)  # (images,)
-        target = tried[best_copy[sample_of_image], image_index]  # (images,) candidate positions
-        has_labels = token_counts[best_rows][sample_of_image] > 0
+        if len(tried) == 1:
+            target = tried[0]
+        else:
+            loss = score_layers(model, features[tried, image_index], input_ids, attention_mask, text_embeds, labels)
+            target = tried[loss.argmin(dim=0)[sample_of_image], image_index]  # (images,) first on ties
+        image_embeds, losses = model.projector(features[target, image_index])  # (images, tokens, dim)
+        inputs = model.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels)
+        logits = model.lm_logits(inputs)
+        has_labels = (inputs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
         self._record(target)
-        losses = {"lm": lm, **aux_losses, "layer_cls": layer_classifier_loss(layer_logits, target, has_labels)}
-        chosen = MultimodalInputs(*(None if t is None else t[best_rows] for t in (
-            inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, inputs.image_mask)))
+        losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses,
+                  "layer_cls": layer_classifier_loss(layer_logits, target, has_labels)}
         layers = torch.tensor(self.candidate_layers, device=target.device)[target]
-        return VLMOutput(logits=logits[best_rows], losses=losses, inputs=chosen, selected_layers=layers)
+        return VLMOutput(logits=logits, losses=losses, inputs=inputs, selected_layers=layers)
+
+
+@torch.no_grad()
+def score_layers(model, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 text_embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean LM loss (copies, batch) of each sample with each copy's images: one projector + LLM call of
+    copies x batch rows. features: (copies, images, tokens, vdim), images in placeholder order."""
+    copies, batch = len(features), len(input_ids)
+    image_embeds, _ = model.projector(features.flatten(0, 1))  # (copies * images, tokens, dim), copy-major
+    # Row c * batch + i is copy c of sample i; it consumes copy c's images in placeholder order.
+    inputs = model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
+                                text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
+    return per_sample_lm_loss(model, inputs).view(copies, batch)
+
+
+def per_sample_lm_loss(model, inputs: MultimodalInputs) -> torch.Tensor:
+    """(rows,) mean next-token loss of each row; logits are computed only where a labelled token follows."""
+    next_labels = inputs.labels[:, 1:]  # (rows, seq-1)
+    labelled = next_labels != IGNORE_INDEX
+    if not labelled.any():
+        return next_labels.new_zeros(len(next_labels), dtype=torch.float)
+    predicts = F.pad(labelled, (0, 1))  # (rows, seq): this position's logits predict a label
+    logits = model.lm_logits(inputs, logits_to_keep=predicts)  # (labelled tokens, vocab)
+    token_loss = F.cross_entropy(logits.float(), next_labels[labelled], reduction="none")
+    sums = token_loss.new_zeros(len(next_labels)).index_add_(0, labelled.nonzero()[:, 0], token_loss)
+    return sums / labelled.sum(dim=1).clamp(min=1)
 
 
 def check_top_k(top_k: int, candidate_layers: list[int]) -> int:
@@ -148,21 +171,6 @@ def check_top_k(top_k: int, candidate_layers: list[int]) -> int:
         raise ValueError(f"--top_k_layers {top_k} must be between 1 and the number of candidate layers "
                          f"({len(candidate_layers)}: {candidate_layers}; set by --candidate_layers)")
     return top_k
-
-
-def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed per row, and the labelled-token count per row: (rows,), (rows,)."""
-    rows, vocab = logits.shape[0], logits.shape[-1]
-    shift_logits = logits[:, :-1].reshape(-1, vocab).float()  # (rows * (seq-1), vocab)
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view(rows, -1)  # (rows, seq-1), 0 where unlabelled
-    return token_loss.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
-
-
-def min_loss_copy(loss_sums: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
-    """(copies, batch) summed losses and counts -> (batch,) copy with the lowest mean loss (first on ties)."""
-    return (loss_sums / token_counts.clamp(min=1)).argmin(dim=0)
 
 
 def layer_classifier_loss(layer_logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -133,10 +133,10 @@ class SparseVLM(nn.Module):
             losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
         return VLMOutput(logits=logits, losses=losses, inputs=inputs)
 
-    def lm_logits(self, inputs: MultimodalInputs) -> torch.Tensor:
-        """The LLM over merged inputs, no cache: (batch, seq, vocab)."""
+    def lm_logits(self, inputs: MultimodalInputs, **llm_kwargs) -> torch.Tensor:
+        """The LLM over merged inputs, no cache: (batch, seq, vocab) (`logits_to_keep` may select positions)."""
         return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                        position_ids=inputs.position_ids, use_cache=False).logits
+                        position_ids=inputs.position_ids, use_cache=False, **llm_kwargs).logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
