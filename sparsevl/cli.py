@@ -13,6 +13,9 @@ SUBCOMMANDS = {
     "train": ("sparsevl.train.cli", "main", "train a model (pretrain / finetune stages)"),
     "eval": ("sparsevl.eval.cli", "main", "generate answers on a test split and score them"),
     "demo": ("sparsevl.demo", "main", "end-to-end demo: data, tokenizer, train, eval, plot"),
+    "export": ("sparsevl.export", "main", "convert to/from transformers' Llava layout (llava-hf)"),
+    "chat": ("sparsevl.serve.chat", "main", "talk about an image in the terminal (streaming answers)"),
+    "serve": ("sparsevl.serve.web", "main", "web demo (Gradio) on 127.0.0.1: ask about an uploaded image"),
 }
 
 

@@ -44,3 +44,18 @@ def shapes_tokenizer(shapes_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(tokenizer, directory)
     return load_tokenizer(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shapes_tokenizer, tmp_path_factory):
+    """A random-weight tiny-llama + tiny-clip checkpoint with the shapes tokenizer, saved once per session."""
+    from sparsevl.config import ModelArguments
+    from sparsevl.model.build import build_image_processor, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    args = ModelArguments(model_name_or_path="tiny-llama", vision_tower="tiny-clip")
+    model = build_model(args, vocab_size=len(shapes_tokenizer),
+                        image_token_id=shapes_tokenizer.convert_tokens_to_ids("<image>"))
+    processor = build_image_processor(args.vision_tower, model.vision_tower.config)
+    return save_checkpoint(model, tmp_path_factory.mktemp("tiny_checkpoint"), model_args=args,
+                           tokenizer=shapes_tokenizer, image_processor=processor)

@@ -3,7 +3,7 @@
 import torch
 
 from sparsevl.config import ModelArguments
-from sparsevl.model.build import build_model
+from sparsevl.model.build import build_image_processor, build_model, save_checkpoint
 
 VOCAB_SIZE = 64
 IMAGE_TOKEN_ID = 63
@@ -38,6 +38,19 @@ def right_padded(rows: list[list[int]], pad: int = PAD_ID) -> tuple[torch.Tensor
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def save_tiny_checkpoint(directory, tokenizer, seed: int = 0, **overrides):
+    """A random tiny model sized for `tokenizer` (which gains `<image>`), saved as a sparsevl checkpoint."""
+    from sparsevl.data.tokenizer import add_image_token
+
+    torch.manual_seed(seed)
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    image_token_id = add_image_token(tokenizer)
+    args = ModelArguments(**{"model_name_or_path": "tiny-llama", "vision_tower": "tiny-clip", **overrides})
+    model = build_model(args, vocab_size=len(tokenizer), image_token_id=image_token_id)
+    image_processor = build_image_processor(args.vision_tower, model.vision_tower.config)
+    return save_checkpoint(model, directory, model_args=args, tokenizer=tokenizer, image_processor=image_processor)
 
 
 def train_flags(shapes_dir, shapes_tokenizer, out, **extra) -> list[str]:

@@ -20,14 +20,20 @@ def load_for_inference(model_dir: str | Path):
 
 
 def evaluate(model, tokenizer, image_processor, data_paths: list[str | Path], *, out_dir: str | Path,
-             batch_size: int = 64, max_new_tokens: int = 16, limit: int | None = None) -> dict:
-    """Answer every question of every file, write `answers.jsonl` and `metrics.json`, return the metrics."""
+             batch_size: int = 64, max_new_tokens: int = 16, limit: int | None = None,
+             image_folder: str | Path | None = None, pope_only: bool = False) -> dict:
+    """Answer every question of every file, write `answers.jsonl` and `metrics.json`, return the metrics.
+
+    Images are relative to `image_folder` (default: each file's folder); `pope_only` refuses non-POPE records."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for data_path in map(Path, data_paths):
         records = read_records(data_path)[:limit]
-        predictions = generate_answers(model, tokenizer, image_processor, records, image_folder=data_path.parent,
+        if pope_only:
+            _check_pope(records, data_path)
+        predictions = generate_answers(model, tokenizer, image_processor, records,
+                                       image_folder=image_folder or data_path.parent,
                                        batch_size=batch_size, max_new_tokens=max_new_tokens)
         for record, prediction in zip(records, predictions):
             rows.append({"id": record.get("id"), "question": question_of(record), "prediction": prediction,
@@ -41,6 +47,13 @@ def evaluate(model, tokenizer, image_processor, data_paths: list[str | Path], *,
     metrics = {name: values for name, values in metrics.items() if values}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _check_pope(records: list[dict], data_path: Path) -> None:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or "pope_kind" not in record:
+            raise ValueError(f"{data_path} record #{index}: not a POPE question (no `pope_kind`); "
+                             "use --benchmark shapes for mixed files")
 
 
 def format_metrics(metrics: dict) -> str:

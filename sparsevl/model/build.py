@@ -168,8 +168,15 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
     config = json.loads((path / CONFIG_NAME).read_text())
     known = {f.name for f in fields(ModelArguments)}
     model_args = ModelArguments(**{k: v for k, v in config["model_args"].items() if k in known})
-    llm_config = _config_from_dict(config["llm_config"])
-    vision_config = _config_from_dict(config["vision_config"])
+    model = assemble_model(model_args, llm_config=_config_from_dict(config["llm_config"]),
+                           vision_config=_config_from_dict(config["vision_config"]),
+                           image_token_id=config["image_token_id"])
+    model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
+    return model, model_args
+
+
+def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, image_token_id: int) -> SparseVLM:
+    """A SparseVLM with random weights shaped by saved configs (weights are loaded by the caller)."""
     encoder = vision_encoder_class(vision_config.model_type)(vision_config)
     vision_tower = VisionTower(encoder=encoder, select_layer=model_args.mm_vision_select_layer,
                                select_feature=model_args.mm_vision_select_feature)
@@ -178,10 +185,8 @@ def load_checkpoint(path: str | Path) -> tuple[SparseVLM, ModelArguments]:
                                 llm_dim=llm_config.hidden_size)
     selector = build_layer_selector(model_args, vision_tower=vision_tower,
                                     text_dim=llm.get_input_embeddings().embedding_dim)
-    model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm,
-                      image_token_id=config["image_token_id"], layer_selector=selector)
-    model.load_state_dict(load_weights(path / WEIGHTS_NAME), strict=True)
-    return model, model_args
+    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
+                     layer_selector=selector)
 
 
 def save_weights(state: dict[str, torch.Tensor], file: str | Path) -> None:

@@ -5,6 +5,7 @@ by that image's projected tokens, so the number of visual tokens may differ per 
 the LLM, Q-Former) without the data pipeline knowing.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +142,17 @@ class SparseVLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                  *, max_new_tokens: int = 16, eos_token_id: int, use_cache: bool = True,
-                 temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
-        """Greedy (temperature 0) or sampled decoding; returns each sample's new tokens, eos excluded."""
+                 temperature: float = 0.0, generator: torch.Generator | None = None,
+                 on_inputs: Callable[[MultimodalInputs], None] | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+        """Greedy (temperature 0) or sampled decoding; returns each sample's new tokens, eos excluded.
+
+        Streaming: `on_inputs` sees the merged prompt once (its `image_mask` says which positions are visual),
+        `on_token` each step's tokens (batch,) as they are chosen (finished rows repeat eos).
+        """
         inputs, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values, padding_side="left")
+        if on_inputs is not None:
+            on_inputs(inputs)
         embeds, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
         cache = DynamicCache() if use_cache else None
         step_embeds, step_positions = embeds, positions
@@ -154,6 +163,8 @@ class SparseVLM(nn.Module):
                               past_key_values=cache, use_cache=use_cache).logits[:, -1]
             token = _next_token(logits, temperature, generator)
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+            if on_token is not None:
+                on_token(token)
             new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
             finished |= token == eos_token_id
             if finished.all():

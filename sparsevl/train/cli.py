@@ -1,8 +1,18 @@
 """`sparsevl train [--config FILE.yaml] [--stage pretrain|finetune] [flags...]`."""
 
+import os
 import sys
 
 from sparsevl.config import parse_train_args
+
+
+def use_cpu_processes_without_gpu(environ) -> None:
+    """Started as several processes (accelerate launch / torchrun) on a machine without CUDA: make
+    Trainer's Accelerator run CPU data parallel over gloo instead of N unrelated single-process runs."""
+    import torch
+
+    if int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def main(argv: list[str]) -> int:
@@ -13,6 +23,7 @@ def main(argv: list[str]) -> int:
 
         HfArgumentParser(ARGUMENT_CLASSES).print_help()
         return 0
+    use_cpu_processes_without_gpu(os.environ)
     model_args, data_args, training_args = parse_train_args(argv)
     from sparsevl.train.guard import TooManyBadSteps
     from sparsevl.train.run import train

@@ -17,7 +17,7 @@ from sparsevl.model.build import (build_image_processor, build_model, configure_
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.layer_stats import layer_selection_callbacks
-from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer
+from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +100,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
             f"training stopped at step {trainer.state.global_step}: {guard.consecutive} consecutive steps had a "
             f"non-finite loss or gradient (--max_bad_steps {guard.max_bad_steps}); last: {guard.bad_steps[-1]}. "
             f"The last good checkpoint is {latest_checkpoint(out_dir)}; no final model was written.")
+    with whole_parameters(model):  # under DeepSpeed ZeRO-3 every process joins the gather; rank 0 writes
+        if trainer.is_world_process_zero():
+            save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
     if trainer.is_world_process_zero():
-        save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
         config = resolved_config(model_args, data_args, training_args)
         config["skipped_records"] = dataset.skipped
         config["bad_steps"] = guard.bad_steps
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.accelerator.wait_for_everyone()  # no process returns before rank 0 has written the model
     return out_dir
 
 

@@ -1,5 +1,6 @@
 """The one Trainer of the project: sums the model's named losses with their weights and logs each."""
 
+import contextlib
 import json
 import math
 import shutil
@@ -11,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from sparsevl.model.build import save_checkpoint
+from sparsevl.model.vlm import IGNORE_INDEX
 from sparsevl.train.checkpointing import STAGING_PREFIX, load_resume_weights, publish, save_resume_weights
 from sparsevl.train.guard import NonFiniteGuard
 
@@ -23,6 +25,22 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     if unknown:
         raise KeyError(f"no weight configured for loss(es) {unknown}; known weights: {sorted(weights)}")
     return sum(weights[name] * value for name, value in losses.items())
+
+
+def labelled_tokens(labels: torch.Tensor | None) -> int:
+    """Positions the causal LM loss is taken over (labels shifted by one)."""
+    return 0 if labels is None else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def global_batch_share(losses: dict[str, torch.Tensor], num_tokens: int, num_items_in_batch, *,
+                       num_processes: int, accumulation_steps: int) -> dict[str, torch.Tensor]:
+    """This micro-batch's share of the global-batch losses, so that gradients summed over accumulation
+    steps and averaged over processes equal one big batch's: lm is weighted by its labelled tokens,
+    the other (per-batch mean) losses by 1 / accumulation steps."""
+    shares = {name: value / accumulation_steps for name, value in losses.items()}
+    if "lm" in losses:
+        shares["lm"] = losses["lm"] * (num_tokens * num_processes / num_items_in_batch)
+    return shares
 
 
 class LogValuesCallback(TrainerCallback):
@@ -44,19 +62,32 @@ class SparseVLTrainer(Trainer):
         self.guard = guard
         if guard is not None:
             self.add_callback(guard)
-        self._loss_sums: dict[str, float] = defaultdict(float)
-        self._loss_steps = 0
+        # Ask Trainer for the labelled-token count of the whole global batch (all micro-batches, all
+        # processes), so the lm loss is the same token mean whatever the processes x accumulation split.
+        self.model_accepts_loss_kwargs = True
+        self._loss_sums: dict[str, float] = defaultdict(float)  # Σ value × weight since the last log
+        self._loss_counts: dict[str, float] = defaultdict(float)  # Σ weight (labelled tokens for lm, else 1)
         self._staging_dir: Path | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "sample_index"}
         outputs = model(**inputs)
-        total = weighted_total(outputs.losses, self.loss_weights)
-        if math.isfinite(float(total.detach())):  # a skipped step does not count in the logged means
-            for name, value in outputs.losses.items():
-                self._loss_sums[name] += float(value.detach())
-            self._loss_steps += 1
+        losses = outputs.losses
+        num_tokens = labelled_tokens(outputs.inputs.labels)
+        if num_items_in_batch is not None:
+            losses = global_batch_share(losses, num_tokens, num_items_in_batch,
+                                        num_processes=self.accelerator.num_processes,
+                                        accumulation_steps=self.current_gradient_accumulation_steps)
+        total = weighted_total(losses, self.loss_weights)
+        if model.training and math.isfinite(float(total.detach())):  # a skipped step does not count in the logs
+            self._record(outputs.losses, num_tokens)
         return (total, outputs) if return_outputs else total
+
+    def _record(self, losses: dict[str, torch.Tensor], num_tokens: int) -> None:
+        for name, value in losses.items():
+            weight = num_tokens if name == "lm" else 1
+            self._loss_sums[name] += float(value.detach()) * weight
+            self._loss_counts[name] += weight
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         sample_index = inputs.get("sample_index")
@@ -71,11 +102,16 @@ class SparseVLTrainer(Trainer):
         return f"{index} (id {record_id!r})" if record_id else str(index)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._loss_steps:
-            for name, total in self._loss_sums.items():
-                logs[f"loss_{name}"] = round(total / self._loss_steps, 5)
+        if "loss" in logs and self._loss_counts:  # every process logs here together: the reduce is safe
+            names = sorted(self._loss_counts)
+            stats = torch.tensor([[self._loss_sums[n], self._loss_counts[n]] for n in names], dtype=torch.float64,
+                                 device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            for name, (total, count) in zip(names, stats.tolist()):
+                logs[f"loss_{name}"] = round(total / max(count, 1), 5)
             self._loss_sums.clear()
-            self._loss_steps = 0
+            self._loss_counts.clear()
         if "loss" in logs and self.guard is not None:
             logs["bad_steps"] = len(self.guard.bad_steps)
         if "loss" in logs:
@@ -85,10 +121,15 @@ class SparseVLTrainer(Trainer):
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write a sparsevl checkpoint from the writer process only. Trainer calls this on every process
+        (in plain data parallel runs and under DeepSpeed): under ZeRO-3 all of them first join the gather
+        of the partitioned weights."""
         output_dir = output_dir or self.args.output_dir
-        save_checkpoint(self.model, output_dir, model_args=self.model_args, tokenizer=self.processing_class,
-                        image_processor=self.image_processor)
-        save_resume_weights(self.model, output_dir)
+        with whole_parameters(self.model):
+            if self.args.should_save:
+                save_checkpoint(self.model, output_dir, model_args=self.model_args, tokenizer=self.processing_class,
+                                image_processor=self.image_processor)
+                save_resume_weights(self.model, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the step checkpoint under a staging folder, rename it into place, then rotate old ones."""
@@ -117,6 +158,16 @@ class SparseVLTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_resume_weights(model if model is not None else self.model, resume_from_checkpoint)
+
+
+def whole_parameters(model: torch.nn.Module):
+    """Context in which DeepSpeed ZeRO-3 partitioned parameters are whole (a no-op otherwise)."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 class BestCheckpointCallback(TrainerCallback):
