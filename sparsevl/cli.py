@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "export": ("sparsevl.export", "main", "convert to/from transformers' Llava layout (llava-hf)"),
     "chat": ("sparsevl.serve.chat", "main", "talk about an image in the terminal (streaming answers)"),
     "serve": ("sparsevl.serve.web", "main", "web demo (Gradio) on 127.0.0.1: ask about an uploaded image"),
+    "analyze-layers": ("sparsevl.analysis.layers", "main", "which vision layer an adaptive model picks, per question type"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Analyses of trained models (which vision layer an adaptive model picks, ...)."""
