@@ -9,7 +9,8 @@ from tiny import IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, r
 
 from sparsevl.config import ModelArguments, parse_train_args
 from sparsevl.model.adaptive import SELECTION_STATS_HEADER, build_layer_selector, format_layer_stats, score_layers
-from sparsevl.model.build import load_checkpoint
+from sparsevl.cli import main as cli_main
+from sparsevl.model.build import build_image_processor, load_checkpoint, save_checkpoint
 from sparsevl.model.vision import VisionTower
 from sparsevl.model.vlm import IGNORE_INDEX, SparseVLM, causal_lm_loss
 from sparsevl.train.layer_stats import LayerExplorationCallback, LayerSelectionStatsCallback
@@ -200,6 +201,25 @@ def test_adaptive_training_run_counts_every_sample_per_epoch(shapes_dir, shapes_
                pytest.approx(1.0, abs=1e-3) for e in logs)
     reloaded, args = load_checkpoint(out)  # the classifier is saved and rebuilt from the checkpoint
     assert args.use_adaptive_layer_selection and reloaded.layer_selector.candidate_layers == [1, 2, 3, 4]
+
+    assert cli_main(["analyze-layers", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
+                     "--out", str(tmp_path / "analysis"), "--limit", "12"]) == 0
+    analysis = json.loads((tmp_path / "analysis" / "layer_analysis.json").read_text())
+    questions = json.loads((shapes_dir / "test_qa.json").read_text())[:12]
+    assert analysis["overall"]["count"] == 12 and sum(analysis["overall"]["layers"].values()) == 12
+    for question_type, group in analysis["by_type"].items():
+        expected = sum(q["question_type"] == question_type for q in questions)
+        assert group["count"] == expected and sum(group["layers"].values()) == expected
+    assert (tmp_path / "analysis" / "layer_selection.png").stat().st_size > 1000
+    assert "=== Layer selection by question type ===" in capsys.readouterr().out
+
+
+def test_analyze_layers_refuses_a_fixed_layer_model(shapes_tokenizer, tmp_path, capsys):
+    model, args = make_model("tiny-qwen3", "tiny-clip")
+    save_checkpoint(model, tmp_path / "fixed", model_args=args, tokenizer=shapes_tokenizer,
+                    image_processor=build_image_processor("tiny-clip", model.vision_tower.config))
+    assert cli_main(["analyze-layers", "--model", str(tmp_path / "fixed"), "--data", "unused.json"]) == 2
+    assert "--model was not trained with --use_adaptive_layer_selection" in capsys.readouterr().err
 
 
 def test_bad_adaptive_arguments_are_errors_naming_the_flag():

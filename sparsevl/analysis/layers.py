@@ -6,8 +6,8 @@ type, and prints the selection table overall plus a per-type breakdown with exac
 """
 
 import argparse
-import sys
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
