@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sparsevl.data.dataset import read_records
+from sparsevl.eval.cli import add_generation_flags
 from sparsevl.eval.generate import generate_answers, gold_answer
 from sparsevl.eval.metrics import normalize_answer
 from sparsevl.model.adaptive import format_layer_stats
@@ -62,10 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="sparsevl checkpoint trained with --use_adaptive_layer_selection")
     p.add_argument("--data", nargs="+", required=True, help="LLaVA-format question file(s), e.g. test_qa.json")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/layer_analysis)")
-    p.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="longest answer in tokens")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each file")
-    return p
+    return add_generation_flags(p)
 
 
 def main(argv: list[str]) -> int:
