@@ -48,7 +48,7 @@ def main() -> None:
                                 min_objects=1, max_objects=6, qa_per_image=3, seed=0)
         save_tokenizer(build_tokenizer(texts_from_llava_json([data / "captions.json", data / "finetune.json"])),
                        out / "tokenizer")
-    from sparsevl.analysis.layers import analyze_layers, format_breakdown
+    from sparsevl.analyze.layers import analyze_layers, format_breakdown
     from sparsevl.eval.run import evaluate, load_for_inference
     from sparsevl.train.run import train
 

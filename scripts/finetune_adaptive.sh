@@ -24,4 +24,4 @@ PY
 fi
 "$PYTHON" -m sparsevl train --config "$HERE/configs/finetune_adaptive.yaml" \
   --tokenizer_name_or_path "$OUT/tokenizer" --data_path "$OUT/data/finetune.json" --output_dir "$OUT/model" "$@"
-"$PYTHON" -m sparsevl analyze-layers --model "$OUT/model" --data "$OUT/data/test_qa.json" --out "$OUT/layer_analysis"
+"$PYTHON" -m sparsevl analyze layers --model "$OUT/model" --data "$OUT/data/test_qa.json" --out "$OUT/layer_analysis"

@@ -13,10 +13,11 @@ SUBCOMMANDS = {
     "train": ("sparsevl.train.cli", "main", "train a model (pretrain / finetune stages)"),
     "eval": ("sparsevl.eval.cli", "main", "generate answers on a test split and score them"),
     "demo": ("sparsevl.demo", "main", "end-to-end demo: data, tokenizer, train, eval, plot"),
+    "classify": ("sparsevl.classify.cli", "main", "Diff-MoE image classifier (digits, CIFAR-10, Fashion-MNIST, Flickr8k)"),
     "export": ("sparsevl.export", "main", "convert to/from transformers' Llava layout (llava-hf)"),
     "chat": ("sparsevl.serve.chat", "main", "talk about an image in the terminal (streaming answers)"),
     "serve": ("sparsevl.serve.web", "main", "web demo (Gradio) on 127.0.0.1: ask about an uploaded image"),
-    "analyze-layers": ("sparsevl.analysis.layers", "main", "which vision layer an adaptive model picks, per question type"),
+    "analyze": ("sparsevl.analyze.cli", "main", "study a trained model (pruning: accuracy vs kept tokens)"),
 }
 
 
@@ -32,10 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    return run_registered(SUBCOMMANDS, argv, prog="sparsevl", kind="command")
+
+
+def run_registered(table: dict[str, tuple[str, str, str]], argv: list[str], *, prog: str, kind: str) -> int:
+    """Import and run `table[argv[0]]` (module, function, help) on the remaining arguments."""
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"sparsevl: unknown command {name!r}; choose from: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+    if name not in table:
+        print(f"{prog}: unknown {kind} {name!r}; choose from: {', '.join(table)}", file=sys.stderr)
         return 2
-    module_name, function_name, _ = SUBCOMMANDS[name]
+    module_name, function_name, _ = table[name]
     command = getattr(importlib.import_module(module_name), function_name)
     return int(command(rest) or 0)

@@ -22,7 +22,9 @@ class ModelArguments:
         "Vision encoder: a preset (tiny-clip, tiny-clip16, tiny-siglip, mid-clip) or a local CLIP/SigLIP directory.")})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": (
         "Tokenizer directory; default: the checkpoint's own (for presets this flag is required).")})
-    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "Projector: linear or mlp2x_gelu."})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "Projector: linear, mlp2x_gelu or qformer."})
+    num_query_tokens: int = field(default=32, metadata={"help": (
+        "qformer projector: learned queries, i.e. visual tokens per image entering the LLM.")})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision layer whose features are projected."})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": (
         "patch: patch tokens only (drop CLIP's [CLS]); cls_patch: keep [CLS] too.")})
@@ -34,6 +36,17 @@ class ModelArguments:
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    token_pruner: str = field(default="none", metadata={"help": (
+        "Visual-token pruner: none, sparsevlm (text-guided), fastv, random, or cls_attention (before the LLM).")})
+    pruning_layers: str = field(default="", metadata={"help": (
+        "Comma-separated LLM layers before which visual tokens are dropped, increasing (e.g. 2,6,15).")})
+    retained_tokens: str = field(default="", metadata={"help": (
+        "Visual tokens kept per image at each pruning layer, decreasing: counts (192,128,96) or ratios (0.25).")})
+    fastv_k: int | None = field(default=None, metadata={"help": "fastv: prune before this layer (default 2)."})
+    fastv_ratio: float | None = field(default=None, metadata={"help": (
+        "fastv: fraction of visual tokens kept (default 0.5).")})
+    num_recycled_tokens: int = field(default=0, metadata={"help": (
+        "sparsevlm: pruned tokens aggregated into this many tokens per image (inside the retained budget).")})
     use_adaptive_layer_selection: bool = field(default=False, metadata={"help": (
         "A small classifier picks, per image, which vision layer feeds the projector (instead of "
         "--mm_vision_select_layer). Training tries the classifier's --top_k_layers layers and learns from the best.")})
@@ -76,7 +89,8 @@ class DataArguments:
 @dataclass
 class SparseVLTrainingArguments(TrainingArguments):
     stage: str = field(default="finetune", metadata={"help": (
-        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template) or finetune.")})
+        "Recipe whose defaults apply before the flags: pretrain (projector only, plain template), finetune, or "
+        "sparse_distill (pruned student + frozen unpruned teacher, loss lm + --align_loss_weight x align).")})
     output_dir: str = field(default="runs/train", metadata={"help": "Where checkpoints and logs go."})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Loggers (tensorboard, none)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -100,12 +114,17 @@ class SparseVLTrainingArguments(TrainingArguments):
     max_bad_steps: int = field(default=5, metadata={"help": (
         "Steps with a non-finite loss or gradient are skipped (weights untouched) and logged with their samples; "
         "after this many in a row training stops with an error, leaving the last good checkpoint.")})
+    align_loss_weight: float = field(default=1.0, metadata={"help": (
+        "sparse_distill: weight of the MSE between student and teacher last hidden states on retained tokens.")})
 
 
 # Each stage's recipe: flag defaults applied before YAML and command-line flags.
 STAGE_DEFAULTS: dict[str, dict] = {
     "pretrain": {"tune_mm_mlp_adapter": True, "conversation_template": "plain"},
     "finetune": {},
+    # frozen unpruned teacher + pruned student (same checkpoint); loss lm + align_loss_weight x hidden-state MSE.
+    # The schedule (--pruning_layers/--retained_tokens, or --fastv_*) is the user's to give.
+    "sparse_distill": {"token_pruner": "sparsevlm"},
 }
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SparseVLTrainingArguments)

@@ -59,3 +59,12 @@ def tiny_checkpoint(shapes_tokenizer, tmp_path_factory):
     processor = build_image_processor(args.vision_tower, model.vision_tower.config)
     return save_checkpoint(model, tmp_path_factory.mktemp("tiny_checkpoint"), model_args=args,
                            tokenizer=shapes_tokenizer, image_processor=processor)
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread: tiny tensors gain nothing from two, and OpenMP stalls when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

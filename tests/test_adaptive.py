@@ -202,7 +202,7 @@ def test_adaptive_training_run_counts_every_sample_per_epoch(shapes_dir, shapes_
     reloaded, args = load_checkpoint(out)  # the classifier is saved and rebuilt from the checkpoint
     assert args.use_adaptive_layer_selection and reloaded.layer_selector.candidate_layers == [1, 2, 3, 4]
 
-    assert cli_main(["analyze-layers", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
+    assert cli_main(["analyze", "layers", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
                      "--out", str(tmp_path / "analysis"), "--limit", "12"]) == 0
     analysis = json.loads((tmp_path / "analysis" / "layer_analysis.json").read_text())
     questions = json.loads((shapes_dir / "test_qa.json").read_text())[:12]
@@ -218,7 +218,7 @@ def test_analyze_layers_refuses_a_fixed_layer_model(shapes_tokenizer, tmp_path, 
     model, args = make_model("tiny-qwen3", "tiny-clip")
     save_checkpoint(model, tmp_path / "fixed", model_args=args, tokenizer=shapes_tokenizer,
                     image_processor=build_image_processor("tiny-clip", model.vision_tower.config))
-    assert cli_main(["analyze-layers", "--model", str(tmp_path / "fixed"), "--data", "unused.json"]) == 2
+    assert cli_main(["analyze", "layers", "--model", str(tmp_path / "fixed"), "--data", "unused.json"]) == 2
     assert "--model was not trained with --use_adaptive_layer_selection" in capsys.readouterr().err
 
 

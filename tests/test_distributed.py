@@ -49,7 +49,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
-        torch.testing.assert_close(weights_a[name], weights_b[name], atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(weights_a[name], weights_b[name], atol=1e-4, rtol=1e-4, msg=name)  # Adam magnifies rounding
     assert logged_losses(a) == pytest.approx(logged_losses(b), rel=1e-5)
 
 

@@ -70,12 +70,12 @@ def test_every_answer_equals_answer_query_on_scenes(dataset):
     scenes = scenes_of(dataset)
     for record in load(dataset, "captions.json"):
         assert record["conversations"][1]["value"] == caption(scenes[record["image"]])
-    for record in load(dataset, "finetune.json"):
-        turns = record["conversations"]
-        assert len(record["queries"]) == len(turns) // 2 == SMALL["qa_per_image"]
-        for query, question, answer in zip(record["queries"], turns[0::2], turns[1::2]):
-            assert question["value"].removeprefix("<image>\n") == question_text(query)
-            assert answer["value"] == answer_query(scenes[record["image"]], query)
+    finetune = load(dataset, "finetune.json")
+    assert len(finetune) == SMALL["num_train"] * SMALL["qa_per_image"]
+    for record in finetune:
+        question, answer = record["conversations"]  # one question per record: no answer leaks into another
+        assert question["value"] == "<image>\n" + question_text(record["query"])
+        assert answer["value"] == answer_query(scenes[record["image"]], record["query"])
     for name in ("test_qa.json", "test_pope.json"):
         for record in load(dataset, name):
             expected = answer_query(scenes[record["image"]], record["query"])
@@ -122,12 +122,14 @@ def test_pope_is_balanced_and_negatives_are_absent(dataset):
 
 def test_finetune_mixes_all_types_with_balanced_exists(dataset):
     records = load(dataset, "finetune.json")
-    queries = [q for r in records for q in r["queries"]]
-    assert set(Counter(q["type"] for q in queries)) == set(QUESTION_TYPES)
+    assert set(Counter(r["query"]["type"] for r in records)) == set(QUESTION_TYPES)
     scenes = scenes_of(dataset)
-    answers = Counter(answer_query(scenes[r["image"]], q) for r in records for q in r["queries"] if q["type"] == "exists")
+    answers = Counter(answer_query(scenes[r["image"]], r["query"]) for r in records if r["query"]["type"] == "exists")
     assert abs(answers["yes"] - answers["no"]) <= 1
-    assert all(len({json.dumps(q) for q in r["queries"]}) == len(r["queries"]) for r in records)
+    per_image = {}
+    for r in records:
+        per_image.setdefault(r["image"], []).append(json.dumps(r["query"]))
+    assert all(len(set(qs)) == len(qs) == SMALL["qa_per_image"] for qs in per_image.values())
 
 
 def test_test_qa_covers_types_evenly(dataset):
@@ -166,7 +168,7 @@ def test_cli_writes_dataset_and_prints_counts(tmp_path, capsys):
     assert "test_pope: 12" in capsys.readouterr().out
     meta = load(tmp_path, "meta.json")
     assert meta["args"] == {**SMALL, "num_train": 6, "num_test": 2, "seed": 3}
-    assert meta["counts"]["finetune_records"] == 6
+    assert meta["counts"]["finetune_records"] == 6 * SMALL["qa_per_image"]
 
 
 @pytest.mark.parametrize(

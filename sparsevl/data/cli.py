@@ -13,7 +13,7 @@ SHAPES_FLAGS = {
     "grid": "cells per board side (even, so every cell has a quadrant)",
     "min_objects": "fewest objects per image",
     "max_objects": "most objects per image (at most grid*grid and 24 colour-shape pairs)",
-    "qa_per_image": "question-answer turns per finetune conversation",
+    "qa_per_image": "one-question finetune records per training image",
     "seed": "random seed; the same seed gives byte-identical files",
 }
 

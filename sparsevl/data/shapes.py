@@ -270,8 +270,13 @@ def _fresh_query(scene, qtype, stats, rng, asked, exists_plan) -> dict | None:
     return exists_query(scene, answer, kind, stats, rng, asked)
 
 
-def train_records(path: str, scene: Scene, qa_per_image: int, stats, rng, exists_plan) -> tuple[dict, dict]:
-    """The caption record and the multi-turn finetune record of one train image."""
+def train_records(path: str, scene: Scene, qa_per_image: int, stats, rng, exists_plan) -> tuple[dict, list[dict]]:
+    """The caption record and the one-question finetune records of one train image.
+
+    Each question is its own record: in one multi-turn conversation earlier answers give later ones
+    away ("Is there a red square?" "yes" ... "What colour is the square?"), and a model trained on such
+    turns learns to copy from the text instead of looking at the image.
+    """
     record_id = Path(path).stem
     caption_record = {
         "id": f"train_{record_id}_caption",
@@ -279,13 +284,10 @@ def train_records(path: str, scene: Scene, qa_per_image: int, stats, rng, exists
         "conversations": conversation([(CAPTION_PROMPT, caption(scene))]),
     }
     queries = finetune_queries(scene, qa_per_image, stats, rng, exists_plan)
-    finetune_record = {
-        "id": f"train_{record_id}",
-        "image": path,
-        "conversations": conversation([(question_text(q), answer_query(scene, q)) for q in queries]),
-        "queries": queries,
-    }
-    return caption_record, finetune_record
+    finetune = [{"id": f"train_{record_id}_q{i}", "image": path,
+                 "conversations": conversation([(question_text(q), answer_query(scene, q))]), "query": q}
+                for i, q in enumerate(queries)]
+    return caption_record, finetune
 
 
 def qa_record(record_id: str, path: str, scene: Scene, query: dict, **extra) -> dict:
@@ -375,7 +377,7 @@ def _write_images(out: Path, samples: list, image_size: int) -> None:
 
 
 def _counts(samples: dict, captions: list, finetune: list, test_qa: list, test_pope: list) -> dict:
-    questions = [q for record in finetune for q in record["queries"]]
+    questions = [record["query"] for record in finetune]
     return {
         "train_images": len(samples["train"]),
         "test_images": len(samples["test"]),
@@ -412,7 +414,7 @@ def generate_shapes_dataset(
 
     rng, exists_plan = _rng(seed, "train_questions"), cycle(EXISTS_PLAN)
     train = [train_records(path, scene, qa_per_image, stats, rng, exists_plan) for path, scene in samples["train"]]
-    captions, finetune = [c for c, _ in train], [f for _, f in train]
+    captions, finetune = [c for c, _ in train], [record for _, records in train for record in records]
     rng = _rng(seed, "test_questions")
     asked_types = Counter()
     test_qa = [eval_qa_record(path, scene, rng, asked_types) for path, scene in samples["test"]]

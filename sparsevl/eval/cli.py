@@ -42,6 +42,8 @@ BENCHMARKS = {
     "llava_jsonl": run_llava_jsonl,
 }
 
+from sparsevl.model.pruning import add_pruning_flags
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsevl eval", description=__doc__,
@@ -60,15 +62,18 @@ def add_generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
     p.add_argument("--max_new_tokens", type=int, default=16, help="longest answer in tokens")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each file")
+    add_pruning_flags(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from sparsevl.eval.run import load_for_inference
+    from sparsevl.model.pruning import build_pruning_plan
 
     try:
         model, tokenizer, image_processor = load_for_inference(args.model)
+        model.pruning = build_pruning_plan(args, model)
         print(BENCHMARKS[args.benchmark](model, tokenizer, image_processor, args))
     except (ValueError, FileNotFoundError) as error:
         print(f"sparsevl eval: error: {error}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevl.model.vision import hidden_state_index
-from sparsevl.model.vlm import IGNORE_INDEX, MultimodalInputs, VLMOutput, causal_lm_loss
+from sparsevl.model.vlm import IGNORE_INDEX, MultimodalInputs
 
 SELECTION_STATS_HEADER = "=== Layer selection stats ==="
 
@@ -112,10 +112,12 @@ class AdaptiveLayerSelector(nn.Module):
             order = layer_logits.argsort(dim=-1, descending=True, stable=True)
         return order[:, : self.top_k].T
 
-    def training_forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         pixel_values: torch.Tensor, labels: torch.Tensor) -> VLMOutput:
-        """Score k layers per image in one k x batch pass of `model` (a SparseVLM) without autograd, then train
-        on each sample's lowest-loss layer; the vision tower runs once."""
+    def training_inputs(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        pixel_values: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[MultimodalInputs, dict[str, torch.Tensor], torch.Tensor]:
+        """Training: score k layers per image in one k x batch pass of `model` (a SparseVLM) without autograd;
+        return the merged inputs of each sample's lowest-loss layer, the losses so far (projector's and
+        `layer_cls`; the caller adds `lm`) and the layer used per image (images,). The vision tower runs once."""
         text_embeds = model.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
         features = self.candidate_features(model.vision_tower, pixel_values)  # (layers, images, tokens, vdim)
         instruction = self.instruction_per_image(text_embeds, input_ids, attention_mask, labels,
@@ -131,13 +133,10 @@ class AdaptiveLayerSelector(nn.Module):
             target = tried[loss.argmin(dim=0)[sample_of_image], image_index]  # (images,) first on ties
         image_embeds, losses = model.projector(features[target, image_index])  # (images, tokens, dim)
         inputs = model.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels)
-        logits = model.lm_logits(inputs)
         has_labels = (inputs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
         self._record(target)
-        losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses,
-                  "layer_cls": layer_classifier_loss(layer_logits, target, has_labels)}
-        layers = torch.tensor(self.candidate_layers, device=target.device)[target]
-        return VLMOutput(logits=logits, losses=losses, inputs=inputs, selected_layers=layers)
+        losses = {**losses, "layer_cls": layer_classifier_loss(layer_logits, target, has_labels)}
+        return inputs, losses, torch.tensor(self.candidate_layers, device=target.device)[target]
 
 
 @torch.no_grad()

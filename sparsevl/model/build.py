@@ -86,7 +86,7 @@ def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -
                                select_feature=args.mm_vision_select_feature)
     llm = build_llm(args.model_name_or_path, vocab_size=vocab_size)
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
-                                llm_dim=llm.config.hidden_size)
+                                llm_dim=llm.config.hidden_size, num_query_tokens=args.num_query_tokens)
     selector = build_layer_selector(args, vision_tower=vision_tower, text_dim=llm.get_input_embeddings().embedding_dim)
     return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
                      layer_selector=selector)
@@ -182,7 +182,7 @@ def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, ima
                                select_feature=model_args.mm_vision_select_feature)
     llm = AutoModelForCausalLM.from_config(llm_config)
     projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
-                                llm_dim=llm_config.hidden_size)
+                                llm_dim=llm_config.hidden_size, num_query_tokens=model_args.num_query_tokens)
     selector = build_layer_selector(model_args, vision_tower=vision_tower,
                                     text_dim=llm.get_input_embeddings().embedding_dim)
     return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from sparsevl.model.decoder import LayerwiseCache, decoder_forward
+from sparsevl.model.pruning import PruningContext, PruningPlan, cls_attention_patches
 from sparsevl.model.vision import VisionTower
 
 IGNORE_INDEX = -100
@@ -35,28 +37,45 @@ class VLMOutput:
     losses: dict[str, torch.Tensor]  # named losses: "lm" plus the projector's auxiliary ones
     inputs: MultimodalInputs
     selected_layers: torch.Tensor | None = None  # (images,) vision hidden-state index per image (adaptive training)
+    last_hidden_state: torch.Tensor | None = None  # (batch, kept seq, dim), from the decoder loop only
+    kept_index: torch.Tensor | None = None  # (batch, kept seq) position in `inputs` of each output; None: all
+    kept_mask: torch.Tensor | None = None  # (batch, kept seq) True at real (not fill) positions
 
 
 class SparseVLM(nn.Module):
     """Vision tower + projector + any transformers causal LM.
 
-    With a `layer_selector` (sparsevl.model.adaptive) each image's vision layer is chosen per image instead of
-    the tower's fixed `select_layer`; the selector also runs the training forward that tries several layers.
+    With a `pruning` plan set, visual tokens are dropped (before the LLM for cls_attention, else between
+    decoder layers by our own decoder loop); without one the LLM's own forward runs. With a `layer_selector`
+    (sparsevl.model.adaptive) each image's vision layer is chosen per image instead of the tower's fixed
+    `select_layer`; in training the selector also prepares the inputs of each sample's best layer.
     """
 
     def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int,
-                 layer_selector: nn.Module | None = None):
+                 pruning: PruningPlan | None = None, layer_selector: nn.Module | None = None):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.pruning = pruning
         self.layer_selector = layer_selector
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image entering the LLM (the projector may change the vision tower's count)."""
+        """Visual tokens per image entering the LLM (after any pruning before the LLM)."""
+        if self.pruning is not None and self.pruning.num_kept_patches is not None:
+            return self.pruning.num_kept_patches
+        return self.num_projected_tokens
+
+    @property
+    def num_projected_tokens(self) -> int:
+        """Visual tokens per image out of the projector (which may change the vision tower's count)."""
         return getattr(self.projector, "num_output_tokens", None) or self.vision_tower.num_output_tokens
+
+    @property
+    def prunes_in_llm(self) -> bool:
+        return self.pruning is not None and bool(self.pruning.steps)
 
     def encode_images(self, pixel_values: torch.Tensor, *, instruction: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -64,11 +83,20 @@ class SparseVLM(nn.Module):
 
         With a layer selector, each image's most likely layer (`instruction`: (images, dim) text for its classifier).
         """
-        if self.layer_selector is None:
+        prunes_before_llm = self.pruning is not None and self.pruning.num_kept_patches is not None
+        if self.layer_selector is not None:
+            if prunes_before_llm:
+                raise ValueError("--token_pruner cls_attention reads the fixed --mm_vision_select_layer and cannot "
+                                 "be combined with --use_adaptive_layer_selection")
+            return self.projector(self.layer_selector.select_features(self.vision_tower, pixel_values, instruction))
+        if not prunes_before_llm:
             features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
-        else:
-            features = self.layer_selector.select_features(self.vision_tower, pixel_values, instruction)
-        return self.projector(features)
+            return self.projector(features)
+        hidden_states = self.vision_tower.all_hidden_states(pixel_values)
+        features = self.vision_tower.select_tokens(hidden_states[self.vision_tower.select_layer])
+        kept = cls_attention_patches(self.vision_tower, hidden_states, self.pruning.num_kept_patches)
+        embeds, losses = self.projector(features)  # (images, patches, llm_dim)
+        return embeds.gather(1, kept[..., None].expand(-1, -1, embeds.shape[-1])), losses
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -124,15 +152,40 @@ class SparseVLM(nn.Module):
         return row, next_image
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_hidden_states: bool = False) -> VLMOutput:
+        """Logits and named losses; with pruning (or `return_hidden_states`) via our decoder loop."""
+        selected_layers = None
         has_images = pixel_values is not None and len(pixel_values) > 0
         if self.layer_selector is not None and self.training and labels is not None and has_images:
-            return self.layer_selector.training_forward(self, input_ids, attention_mask, pixel_values, labels)
-        inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
-        logits = self.lm_logits(inputs)
+            inputs, losses, selected_layers = self.layer_selector.training_inputs(
+                self, input_ids, attention_mask, pixel_values, labels)
+        else:
+            inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
+        if not (self.prunes_in_llm or return_hidden_states):
+            logits = self.lm_logits(inputs)
+            if inputs.labels is not None:
+                losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
+            return VLMOutput(logits=logits, losses=losses, inputs=inputs, selected_layers=selected_layers)
+        out = decoder_forward(self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
+                              plan=self.pruning, context=self.pruning_context(input_ids, attention_mask, inputs))
         if inputs.labels is not None:
-            losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
-        return VLMOutput(logits=logits, losses=losses, inputs=inputs)
+            kept_labels = inputs.labels.gather(1, out.kept_index).masked_fill(~out.kept_mask, IGNORE_INDEX)
+            losses = {"lm": causal_lm_loss(out.logits, kept_labels), **losses}
+        return VLMOutput(logits=out.logits, losses=losses, inputs=inputs, last_hidden_state=out.last_hidden_state,
+                         kept_index=out.kept_index, kept_mask=out.kept_mask, selected_layers=selected_layers)
+
+    def pruning_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        inputs: MultimodalInputs) -> PruningContext:
+        """Which merged tokens are visual, and which may rate them: instruction text after the first image
+        (never answer tokens, which carry labels, so training ranks tokens as inference does)."""
+        valid = inputs.attention_mask.bool()
+        after_image = inputs.image_mask.long().cumsum(1) > 0
+        raters = valid & ~inputs.image_mask & after_image
+        if inputs.labels is not None:
+            raters &= inputs.labels == IGNORE_INDEX
+        images_per_row = ((input_ids == self.image_token_id) & attention_mask.bool()).sum(1)
+        return PruningContext(inputs.image_mask, raters, images_per_row)
 
     def lm_logits(self, inputs: MultimodalInputs, **llm_kwargs) -> torch.Tensor:
         """The LLM over merged inputs, no cache: (batch, seq, vocab) (`logits_to_keep` may select positions)."""
@@ -154,13 +207,17 @@ class SparseVLM(nn.Module):
         if on_inputs is not None:
             on_inputs(inputs)
         embeds, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
-        cache = DynamicCache() if use_cache else None
+        context = self.pruning_context(input_ids, attention_mask, inputs) if self.prunes_in_llm else None
+        cache = DynamicCache() if use_cache and context is None else None
         step_embeds, step_positions = embeds, positions
         new_tokens = torch.empty(len(embeds), 0, dtype=torch.long, device=embeds.device)
         finished = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
         for _ in range(max_new_tokens):
-            logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
-                              past_key_values=cache, use_cache=use_cache).logits[:, -1]
+            if context is None:
+                logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                                  past_key_values=cache, use_cache=use_cache).logits[:, -1]
+            else:
+                logits, cache = self._pruned_step(step_embeds, mask, step_positions, context, cache, use_cache)
             token = _next_token(logits, temperature, generator)
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
             if on_token is not None:
@@ -179,6 +236,15 @@ class SparseVLM(nn.Module):
                 embeds = torch.cat([embeds, token_embeds], dim=1)
                 step_embeds, step_positions = embeds, positions
         return [_until_eos(row, eos_token_id) for row in new_tokens.tolist()]
+
+    def _pruned_step(self, embeds, mask, positions, context: PruningContext, past: LayerwiseCache | None,
+                     use_cache: bool) -> tuple[torch.Tensor, LayerwiseCache | None]:
+        """Next-token logits through the decoder loop: prefill prunes; cached steps reuse each layer's kept KV;
+        uncached steps re-run the whole sequence, rated by the same prompt tokens as the prefill."""
+        out = decoder_forward(self.llm, embeds, mask, positions, plan=self.pruning,
+                              context=context.padded_to(embeds.shape[1]) if past is None else None,
+                              past=past, use_cache=use_cache, logits_to_keep=1, padding_side="left")
+        return out.logits[:, -1], out.past
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}

@@ -101,10 +101,15 @@ class VisionAssistant:
         self._lock = threading.Lock()  # generation is serialised: expert counters and CPU threads are shared
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "VisionAssistant":
+    def load(cls, model_dir: str | Path, pruning_args=None) -> "VisionAssistant":
+        """Load a checkpoint; `pruning_args` (parsed `--token_pruner ...` flags) sets a pruning plan."""
         from sparsevl.eval.run import load_for_inference
+        from sparsevl.model.pruning import build_pruning_plan
 
-        return cls(*load_for_inference(model_dir))
+        assistant = cls(*load_for_inference(model_dir))
+        if pruning_args is not None:
+            assistant.model.pruning = build_pruning_plan(pruning_args, assistant.model)
+        return assistant
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -14,7 +14,9 @@ from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.adaptive import attach_layer_selector
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
                                   is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
+from sparsevl.train.distill import make_teacher
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.layer_stats import layer_selection_callbacks
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
@@ -22,7 +24,8 @@ from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whol
 logger = logging.getLogger(__name__)
 
 # Arguments that fix the architecture: a checkpoint's values win over the command line's.
-ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature")
+ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+                       "num_query_tokens")
 # An adaptive checkpoint's classifier fixes these too; a fixed-layer checkpoint may start adaptive training.
 ADAPTIVE_ARCHITECTURE_FIELDS = ("use_adaptive_layer_selection", "candidate_layers", "layer_classifier_use_text",
                                 "layer_classifier_hidden_size")
@@ -58,7 +61,7 @@ def _with_architecture_of(current: ModelArguments, saved: ModelArguments) -> Mod
 
 
 def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
-    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight,
+    return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight, "align": training_args.align_loss_weight,
             "layer_cls": training_args.layer_classifier_loss_weight}
 
 
@@ -74,8 +77,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
         raise ValueError("--data_path is required")
     set_seed(training_args.seed)
     model, tokenizer, image_processor, model_args = load_model_and_processors(model_args)
+    model.pruning = build_pruning_plan(model_args, model)
+    teacher = None
+    if training_args.stage == "sparse_distill":
+        if not model.prunes_in_llm:  # the alignment maps student tokens to the teacher's by position in the LLM
+            raise ValueError("--stage sparse_distill needs an in-LLM --token_pruner (sparsevlm, fastv or random)")
+        teacher = make_teacher(model)
+        print("teacher (frozen, no pruning): " + describe_parameters(teacher, "frozen"), flush=True)
     mode = configure_trainable(model, model_args)
-    print(describe_parameters(model, mode), flush=True)
+    print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
@@ -90,7 +100,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
                               callbacks=[BestCheckpointCallback(), *layer_selection_callbacks(
                                   model, training_args.layer_exploration_warmup_steps)],
                               loss_weights=loss_weights(training_args),
-                              model_args=model_args, image_processor=image_processor, guard=guard)
+                              model_args=model_args, image_processor=image_processor, guard=guard,
+                              teacher=teacher)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a file of the checkpoint

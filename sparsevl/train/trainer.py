@@ -14,6 +14,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from sparsevl.model.build import save_checkpoint
 from sparsevl.model.vlm import IGNORE_INDEX
 from sparsevl.train.checkpointing import STAGING_PREFIX, load_resume_weights, publish, save_resume_weights
+from sparsevl.train.distill import alignment_loss
 from sparsevl.train.guard import NonFiniteGuard
 
 BEST_DIR = "best-checkpoint"
@@ -54,9 +55,10 @@ class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
     def __init__(self, *args, loss_weights: dict[str, float], model_args, image_processor=None,
-                 guard: NonFiniteGuard | None = None, **kwargs):
+                 guard: NonFiniteGuard | None = None, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weights = loss_weights
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None  # sparse_distill only
         self.model_args = model_args
         self.image_processor = image_processor
         self.guard = guard
@@ -71,7 +73,14 @@ class SparseVLTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "sample_index"}
-        outputs = model(**inputs)
+        if self.teacher is None:
+            outputs = model(**inputs)
+        else:
+            outputs = model(**inputs, return_hidden_states=True)
+            with torch.no_grad():
+                target = self.teacher(**inputs, return_hidden_states=True).last_hidden_state
+            outputs.losses["align"] = alignment_loss(outputs.last_hidden_state, outputs.kept_index,
+                                                     outputs.kept_mask, target)
         losses = outputs.losses
         num_tokens = labelled_tokens(outputs.inputs.labels)
         if num_items_in_batch is not None:

@@ -1,4 +1,4 @@
-"""`sparsevl analyze-layers --model DIR --data FILE [FILE...]`: the vision layers an adaptive model picks.
+"""`sparsevl analyze layers --model DIR --data FILE [FILE...]`: the vision layers an adaptive model picks.
 
 Answers every question with the model's argmax layer choice, reads the selector's counters once per question
 type, and prints the selection table overall plus a per-type breakdown with exact-match accuracy; writes
@@ -58,7 +58,7 @@ def format_breakdown(analysis: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsevl analyze-layers", description=__doc__,
+    p = argparse.ArgumentParser(prog="sparsevl analyze layers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="sparsevl checkpoint trained with --use_adaptive_layer_selection")
     p.add_argument("--data", nargs="+", required=True, help="LLaVA-format question file(s), e.g. test_qa.json")
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         analysis = analyze_layers(model, tokenizer, image_processor, args.data, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, limit=args.limit)
     except (ValueError, FileNotFoundError) as error:
-        print(f"sparsevl analyze-layers: error: {error}", file=sys.stderr)
+        print(f"sparsevl analyze layers: error: {error}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     (out / "layer_analysis.json").write_text(json.dumps(analysis, indent=2))

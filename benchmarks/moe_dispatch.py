@@ -1,0 +1,173 @@
+"""MoE dispatch cost on CPU: ratios against a dense FFN, the naive oracle, a per-expert loop and transformers.
+
+Setup: 4096 tokens, d=512, ffn 2048, 8 experts, top-2, fp32, 2 threads, GatedMLPExperts (SiLU-gated,
+the Qwen3-MoE / upcycled-LLaMA expert) against one dense LlamaMLP of the same size. Prompt-sized cases
+time forward+backward (grads of input and all weights); decode-sized cases time forward under no_grad.
+Prompt-sized variants are timed in interleaved rounds so that load from other processes hits all alike.
+
+    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, Qwen3MoeConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter, dispatch_reference
+
+TOKENS, DIM, FFN, EXPERTS, TOP_K = 4096, 512, 2048, 8, 2
+
+
+class LoopGatedExperts(GatedMLPExperts):
+    """Dispatch variant: a Python loop of plain F.linear matmuls over each expert's sorted slice."""
+
+    def forward(self, x_sorted, tokens_per_expert):
+        slices = x_sorted.split(tokens_per_expert.tolist())
+        return torch.cat([self.expert_forward(e, x) for e, x in enumerate(slices)])
+
+
+def build():
+    """Our MoE layer, a loop-dispatch twin, a transformers Qwen3-MoE block and a dense MLP, sharing weights."""
+    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=EXPERTS, top_k=TOP_K),
+                   experts=GatedMLPExperts(num_experts=EXPERTS, dim=DIM, hidden_dim=FFN))
+    loop_experts = LoopGatedExperts(num_experts=EXPERTS, dim=DIM, hidden_dim=FFN)
+    loop_experts.load_state_dict(moe.experts.state_dict())
+    loop_moe = MoELayer(router=moe.router, experts=loop_experts)
+    config = Qwen3MoeConfig(hidden_size=DIM, moe_intermediate_size=FFN, num_experts=EXPERTS,
+                            num_experts_per_tok=TOP_K, norm_topk_prob=True)
+    hf_block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        hf_block.gate.weight.copy_(moe.router.gate.weight)
+        hf_block.experts.gate_up_proj.copy_(torch.cat([moe.experts.gate_proj, moe.experts.up_proj], dim=1))
+        hf_block.experts.down_proj.copy_(moe.experts.down_proj)
+    dense = LlamaMLP(LlamaConfig(hidden_size=DIM, intermediate_size=FFN, num_attention_heads=8, hidden_act="silu"))
+    return moe, loop_moe, hf_block, config, dense
+
+
+def hf_forward(block, config, implementation):
+    """transformers' block with the given experts_implementation; input (tokens, dim) as batch 1."""
+    def forward(x):
+        config._experts_implementation = implementation
+        return block(x.unsqueeze(0)).squeeze(0)  # (1, tokens, dim) -> (tokens, dim)
+    return forward
+
+
+def train_step(forward, module, x, grad_out):
+    """One forward+backward returning grads of the input and every weight (no .grad accumulation)."""
+    def step():
+        x_ = x.detach().requires_grad_()
+        torch.autograd.grad(forward(x_), [x_, *module.parameters()], grad_out)
+    return step
+
+
+def medians_ms(steps, repeats, interleave=True):
+    """Median (wall, process CPU) milliseconds per step after one warm-up each.
+
+    Interleaved rounds spread load from other jobs over all variants; decode-sized steps run back to back
+    instead, so that each finds its own weights in cache (interleaving favours variants that share weights).
+    Process CPU time counts the work of all threads and is less disturbed than wall time by other jobs.
+    """
+    times = {name: [] for name in steps}
+    rounds = [list(steps.items())] * repeats if interleave else [[item] * repeats for item in steps.items()]
+    for step in steps.values():
+        step()
+    for round_ in rounds:
+        for name, step in round_:
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(1e3 * statistics.median(column) for column in zip(*ts)) for name, ts in times.items()}
+
+
+def saved_activation_bytes(forward, module, x):
+    """Bytes of distinct non-parameter storages autograd saves for backward during one forward."""
+    param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x.detach().requires_grad_())
+    return sum(storages.values())
+
+
+def prompt_case(moe, loop_moe, hf_block, config, dense, repeats):
+    x = torch.randn(TOKENS, DIM)
+    grad_out = torch.randn(TOKENS, DIM)
+    ours = lambda x: moe(x).hidden_states  # noqa: E731
+    reference = lambda x: dispatch_reference(x, moe.router(x), moe.experts)  # noqa: E731
+    steps = {
+        "dense": train_step(dense, dense, x, grad_out),
+        "sparsevl MoELayer, grouped_mm (library)": train_step(ours, moe, x, grad_out),
+        "sparsevl MoELayer, per-expert loop": train_step(lambda x: loop_moe(x).hidden_states, loop_moe, x, grad_out),
+        "dispatch_reference (all experts, mask)": train_step(reference, moe, x, grad_out),
+        **{f"transformers Qwen3Moe {impl}": train_step(hf_forward(hf_block, config, impl), hf_block, x, grad_out)
+           for impl in ("eager", "grouped_mm")},
+    }
+    with torch.no_grad():
+        gap = (ours(x) - hf_forward(hf_block, config, "grouped_mm")(x)).abs().max().item()
+    print(f"== {TOKENS} tokens, d={DIM}, ffn={FFN}, {EXPERTS} experts, top-{TOP_K}, fp32, forward+backward ==")
+    print(f"max |ours - transformers Qwen3Moe| = {gap:.2e}  (transformers batched_mm skipped: it gathers "
+          f"one weight matrix per assignment, {TOKENS * TOP_K * 3 * FFN * DIM * 4 / 2**30:.0f} GiB here)")
+    ms = medians_ms(steps, repeats)
+    dense_wall, dense_cpu = ms.pop("dense")
+    print(f"{'':40s} {'wall ms':>9s} {'/(2 dense)':>10s} {'cpu ms':>9s} {'/(2 dense)':>10s}")
+    print(f"{'dense LlamaMLP (1 expert, all tokens)':40s} {dense_wall:9.1f} {'':10s} {dense_cpu:9.1f}")
+    for name, (wall, cpu) in ms.items():
+        print(f"{name:40s} {wall:9.1f} {wall / (2 * dense_wall):10.2f} {cpu:9.1f} {cpu / (2 * dense_cpu):10.2f}")
+    wall, cpu = ms["sparsevl MoELayer, grouped_mm (library)"]
+    ref_wall, ref_cpu = ms["dispatch_reference (all experts, mask)"]
+    print(f"time(MoE) / (2 x time(dense)): wall {wall / (2 * dense_wall):.2f}, cpu {cpu / (2 * dense_cpu):.2f}"
+          "  (target <= 1.1)")
+    print(f"speedup vs dispatch_reference: wall {ref_wall / wall:.2f}x, cpu {ref_cpu / cpu:.2f}x  (target >= 3.5x)")
+    moe_bytes, dense_bytes = saved_activation_bytes(ours, moe, x), saved_activation_bytes(dense, dense, x)
+    print(f"saved activations: MoE {moe_bytes / 2**20:.0f} MiB, dense {dense_bytes / 2**20:.0f} MiB, "
+          f"ratio {moe_bytes / dense_bytes:.2f}  (target <= 3)")
+
+
+@torch.no_grad()
+def decode_case(num_tokens, moe, loop_moe, hf_block, config, dense, repeats):
+    x = torch.randn(num_tokens, DIM)
+    touched = moe.router(x).indices.unique().numel()
+    steps = {
+        "dense": lambda: dense(x),
+        "sparsevl grouped_mm": lambda: moe(x),
+        "sparsevl loop": lambda: loop_moe(x),
+        "hf eager": lambda: hf_forward(hf_block, config, "eager")(x),
+        "hf grouped_mm": lambda: hf_forward(hf_block, config, "grouped_mm")(x),
+    }
+    if num_tokens <= 16:  # batched_mm gathers 3 * FFN * DIM floats per assignment
+        steps["hf batched_mm"] = lambda: hf_forward(hf_block, config, "batched_mm")(x)
+    ms = medians_ms(steps, repeats, interleave=False)
+    dense_wall, dense_cpu = ms.pop("dense")
+    print(f"{num_tokens:3d} tokens, {touched} distinct experts touched; dense {dense_wall:.2f} ms wall, "
+          f"{dense_cpu:.2f} ms cpu; time / dense (wall, cpu):")
+    for name, (wall, cpu) in ms.items():
+        print(f"      {name:20s} {wall / dense_wall:6.2f} {cpu / dense_cpu:6.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per prompt-sized variant")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = build()
+    prompt_case(*models, args.repeats)
+    print("== decode sizes, forward only (no_grad) ==")
+    for num_tokens in (1, 16, 64):
+        decode_case(num_tokens, *models, repeats=20 * args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""Analyses of trained models (which vision layer an adaptive model picks, ...)."""

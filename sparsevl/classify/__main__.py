@@ -1,0 +1,3 @@
+from sparsevl.classify.cli import main
+
+raise SystemExit(main())

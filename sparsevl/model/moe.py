@@ -1,0 +1,314 @@
+"""Mixture-of-Experts: top-k router, stacked experts, sorted-token dispatch, balance losses, upcycling.
+
+One MoE library for the projector, the MoE-upcycled LLM FFNs and the Diff-MoE classifier.
+Router, dispatch and expert weights are separate pieces; losses are pure functions;
+per-expert statistics live as buffers on the `MoELayer` that counts them.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+
+@dataclass
+class RouterOutput:
+    """What the router decided for each token; rows of `indices` are sorted by descending probability."""
+
+    weights: Tensor  # (tokens, top_k) combine weights, renormalised over the top-k if normalize_top_k
+    indices: Tensor  # (tokens, top_k) int64 expert ids
+    logits: Tensor  # (tokens, num_experts) router logits, after noise if any
+    probs: Tensor  # (tokens, num_experts) softmax(logits) in fp32
+
+
+@dataclass
+class MoEOutput:
+    """Output of `MoELayer.forward`: hidden states, the routing behind them and the auxiliary losses."""
+
+    hidden_states: Tensor  # (..., out_dim), same leading shape as the input
+    router: RouterOutput
+    losses: dict[str, Tensor]  # {"balance": load_balancing_loss, "z": router_z_loss}
+    dropped_tokens: int  # token-expert assignments dropped by the capacity limit in this call
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACT2FN:
+        raise ValueError(f"activation {name!r} is unknown; valid names: {sorted(ACT2FN)}")
+    return ACT2FN[name]
+
+
+class TopKRouter(nn.Module):
+    """Linear gate -> softmax -> top-k experts per token (Switch/Mixtral/Qwen3-MoE routing)."""
+
+    def __init__(self, *, dim: int, num_experts: int, top_k: int, noise_std: float = 0.0,
+                 normalize_top_k: bool = True, bias: bool = False):
+        super().__init__()
+        _check_positive(dim=dim, num_experts=num_experts, top_k=top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.noise_std, self.normalize_top_k = noise_std, normalize_top_k
+        self.gate = nn.Linear(dim, num_experts, bias=bias)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route x (tokens, dim); N(0, noise_std) logit noise is added only in training."""
+        logits = self.gate(x)  # (tokens, num_experts)
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = logits.float().softmax(dim=-1)
+        weights, indices = probs.topk(self.top_k, dim=-1)  # (tokens, top_k), descending
+        if self.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(weights=weights.to(x.dtype), indices=indices, logits=logits, probs=probs)
+
+
+def _uniform_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for every expert."""
+    bound = 1 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def grouped_linear(x_sorted: Tensor, weight: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Row slice e of x_sorted times weight[e].T (+ bias[e]); weight (num_experts, out, in), bias (num_experts, out)."""
+    offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # end row of each expert's slice
+    y = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)  # (tokens_sorted, out)
+    if y.requires_grad:
+        y.register_hook(Tensor.contiguous)  # the CPU backward rejects stride-0 grads, e.g. from y.sum()
+    if bias is not None:
+        y = y + bias.repeat_interleave(tokens_per_expert, dim=0, output_size=x_sorted.shape[0])
+    return y
+
+
+class MLPExperts(nn.Module):
+    """num_experts plain 2-layer MLPs (Linear -> act -> Linear) with stacked (num_experts, out, in) weights."""
+
+    def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, out_dim: int | None = None,
+                 activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        _check_positive(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
+        out_dim = dim if out_dim is None else out_dim
+        self.num_experts, self.out_dim = num_experts, out_dim
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, out_dim, hidden_dim))
+        self.up_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, out_dim)) if bias else None
+        self.act_fn = _activation(activation)
+        _uniform_init_(self.up_proj, self.up_proj_bias, dim)
+        _uniform_init_(self.down_proj, self.down_proj_bias, hidden_dim)
+
+    def forward(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """x_sorted (tokens_sorted, dim) grouped by expert -> (tokens_sorted, out_dim)."""
+        h = self.act_fn(grouped_linear(x_sorted, self.up_proj, tokens_per_expert, self.up_proj_bias))
+        return grouped_linear(h, self.down_proj, tokens_per_expert, self.down_proj_bias)
+
+    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on x (tokens, dim) with plain F.linear: the reference path."""
+        has_bias = self.up_proj_bias is not None
+        up_bias, down_bias = (self.up_proj_bias[e], self.down_proj_bias[e]) if has_bias else (None, None)
+        return F.linear(self.act_fn(F.linear(x, self.up_proj[e], up_bias)), self.down_proj[e], down_bias)
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Sequential, num_experts: int) -> "MLPExperts":
+        """Upcycle nn.Sequential(Linear, act, Linear): every expert a copy of it, activation module included."""
+        if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3
+                and isinstance(mlp[0], nn.Linear) and isinstance(mlp[2], nn.Linear)):
+            raise ValueError(f"mlp must be nn.Sequential(Linear, act, Linear), got {mlp}")
+        fc1, fc2 = mlp[0], mlp[2]
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError("mlp's two Linear layers must both have a bias or both have none")
+        experts = cls(num_experts=num_experts, dim=fc1.in_features, hidden_dim=fc1.out_features,
+                      out_dim=fc2.out_features, bias=fc1.bias is not None)
+        experts.act_fn = copy.deepcopy(mlp[1])
+        experts.to(fc1.weight)
+        _copy_into_experts(experts.up_proj, fc1.weight)
+        _copy_into_experts(experts.down_proj, fc2.weight)
+        if fc1.bias is not None:
+            _copy_into_experts(experts.up_proj_bias, fc1.bias)
+            _copy_into_experts(experts.down_proj_bias, fc2.bias)
+        return experts
+
+
+class GatedMLPExperts(nn.Module):
+    """num_experts SiLU-gated MLPs, down(act(gate(x)) * up(x)), no bias: LlamaMLP / Qwen3MLP stacked per expert."""
+
+    def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, activation: str = "silu"):
+        super().__init__()
+        _check_positive(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
+        self.num_experts, self.out_dim = num_experts, dim
+        # separate gate and up weights: a fused [gate; up] matmul costs a (tokens, 2 * hidden) cat in backward
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.act_fn = _activation(activation)
+        for weight in self.parameters():
+            _uniform_init_(weight, None, weight.shape[-1])
+
+    def forward(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """x_sorted (tokens_sorted, dim) grouped by expert -> (tokens_sorted, dim)."""
+        gate = grouped_linear(x_sorted, self.gate_proj, tokens_per_expert)  # (tokens_sorted, hidden)
+        up = grouped_linear(x_sorted, self.up_proj, tokens_per_expert)
+        return grouped_linear(self.act_fn(gate) * up, self.down_proj, tokens_per_expert)
+
+    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on x (tokens, dim) with plain F.linear: the reference path."""
+        gate, up = F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e])
+        return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, num_experts: int) -> "GatedMLPExperts":
+        """Upcycle a module with gate_proj/up_proj/down_proj Linear and act_fn (LlamaMLP, Qwen3MLP)."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        projections = [getattr(mlp, name, None) for name in names]
+        if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections):
+            raise ValueError(f"mlp must have bias-free Linear gate_proj, up_proj and down_proj, got {mlp}")
+        experts = cls(num_experts=num_experts, dim=mlp.gate_proj.in_features, hidden_dim=mlp.gate_proj.out_features)
+        experts.act_fn = copy.deepcopy(mlp.act_fn)
+        experts.to(mlp.gate_proj.weight)
+        for name, dense in zip(names, projections):
+            _copy_into_experts(getattr(experts, name), dense.weight)
+        return experts
+
+
+@torch.no_grad()
+def _copy_into_experts(stacked: nn.Parameter, dense: Tensor) -> None:
+    stacked.copy_(dense.unsqueeze(0).expand_as(stacked))
+
+
+def _within_capacity(expert_ids_sorted: Tensor, tokens_per_expert: Tensor, capacity: int) -> Tensor:
+    """Mask of sorted assignments whose position inside their expert's group is below capacity."""
+    group_starts = tokens_per_expert.cumsum(0) - tokens_per_expert
+    rank = torch.arange(expert_ids_sorted.numel(), device=expert_ids_sorted.device)
+    return rank - group_starts[expert_ids_sorted] < capacity
+
+
+def _unsort_rows(rows: Tensor, order: Tensor, total: int) -> Tensor:
+    """Put rows[j] back at position order[j] of a (total, ...) tensor, zeros where absent; a gather, not a scatter."""
+    if order.numel() < total:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row `kept` is the zero row for drops
+    inverse = order.new_full((total,), order.numel())
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return rows[inverse]
+
+
+def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module,
+             capacity: int | None = None) -> tuple[Tensor, Tensor]:
+    """Group token copies by expert, run each expert on its own slice, sum weighted outputs back per token.
+
+    Returns (output (tokens, out_dim), routed tokens_per_expert before drops). Assignments are ordered
+    choice-major (all first choices, then all second choices), so a capacity keeps first choices first (GShard).
+    """
+    num_tokens, top_k = router_output.indices.shape
+    expert_ids = router_output.indices.t().reshape(-1)  # (top_k * tokens,) choice-major
+    expert_ids_sorted, order = expert_ids.sort(stable=True)
+    tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
+    kept_per_expert = tokens_per_expert
+    if capacity is not None:
+        order = order[_within_capacity(expert_ids_sorted, tokens_per_expert, capacity)]
+        kept_per_expert = tokens_per_expert.clamp(max=capacity)
+    y = experts(x[order % num_tokens], kept_per_expert)  # (kept, out_dim)
+    y = _unsort_rows(y, order, expert_ids.numel())  # (top_k * tokens, out_dim)
+    weights = router_output.weights.t().reshape(-1, 1).to(y.dtype)  # (top_k * tokens, 1)
+    return (y * weights).view(top_k, num_tokens, y.shape[-1]).sum(dim=0), tokens_per_expert
+
+
+def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
+    """Naive oracle (tests only): every expert on every token, weighted by a dense combine matrix."""
+    combine = torch.zeros_like(router_output.probs, dtype=x.dtype)  # (tokens, num_experts)
+    combine = combine.scatter(1, router_output.indices, router_output.weights.to(x.dtype))
+    outputs = torch.stack([experts.expert_forward(e, x) for e in range(experts.num_experts)], dim=1)  # (tokens, E, out)
+    return (combine.unsqueeze(-1) * outputs).sum(dim=1)
+
+
+class MoELayer(nn.Module):
+    """Router + experts (+ optional always-on shared experts), with per-expert counts kept as buffers."""
+
+    def __init__(self, *, router: TopKRouter, experts: nn.Module, shared_experts: nn.Module | None = None,
+                 capacity_factor: float | None = None):
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(f"num_experts differ: router has {router.num_experts}, experts have {experts.num_experts}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        self.router, self.experts, self.shared_experts = router, experts, shared_experts
+        self.capacity_factor = capacity_factor
+        self.track_stats = True
+        counts = torch.zeros(router.num_experts, dtype=torch.long)
+        self.register_buffer("expert_token_counts", counts, persistent=False)
+        self.register_buffer("dropped_token_count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Assignments each expert may take: ceil(capacity_factor * tokens * top_k / num_experts)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.router.top_k / self.router.num_experts)
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """x (..., dim) -> MoEOutput with hidden_states (..., out_dim)."""
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, dim)
+        routing = self.router(flat)
+        capacity = self.capacity(flat.shape[0])
+        out, tokens_per_expert = dispatch(flat, routing, self.experts, capacity)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        dropped = 0 if capacity is None else int((tokens_per_expert - capacity).clamp(min=0).sum())
+        if self.track_stats:
+            self._count(tokens_per_expert, dropped)
+        losses = {"balance": load_balancing_loss(routing.probs, routing.indices, self.router.num_experts),
+                  "z": router_z_loss(routing.logits)}
+        return MoEOutput(out.reshape(*x.shape[:-1], out.shape[-1]), routing, losses, dropped)
+
+    @torch.no_grad()
+    def _count(self, tokens_per_expert: Tensor, dropped: int) -> None:
+        self.expert_token_counts += tokens_per_expert
+        self.dropped_token_count += dropped
+
+    def reset_stats(self) -> None:
+        """Zero the accumulated expert_token_counts and dropped_token_count."""
+        self.expert_token_counts.zero_()
+        self.dropped_token_count.zero_()
+
+
+def expert_load(layer: MoELayer) -> Tensor:
+    """Fraction of routed assignments each expert received since the last reset_stats (zeros if none)."""
+    counts = layer.expert_token_counts.double()
+    return counts / counts.sum().clamp(min=1)
+
+
+def load_balancing_loss(probs: Tensor, indices: Tensor, num_experts: int, *, count: str = "top_k") -> Tensor:
+    """E * sum_i f_i * P_i with P_i = mean over tokens of probs[:, i] and f_i counted as `count` says.
+
+    count="top_k": f_i = (top-k assignments to expert i) / tokens, so sum_i f_i = top_k and a balanced
+    router scores top_k (transformers' load_balancing_loss_func). count="top1": f_i = (tokens whose first
+    choice indices[:, 0] is i) / tokens, sum 1, balanced scores 1 (Switch Transformer). Gradient flows via P.
+    """
+    if count not in ("top_k", "top1"):
+        raise ValueError(f"count must be 'top_k' or 'top1', got {count!r}")
+    chosen = indices if count == "top_k" else indices[:, :1]  # (tokens, k or 1)
+    num_tokens = probs.shape[0]
+    fraction = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(probs.dtype) / num_tokens
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, in fp32."""
+    return logits.float().logsumexp(dim=-1).square().mean()
+
+
+def kl_to_uniform_loss(probs: Tensor) -> Tensor:
+    """KL(mean expert utilisation || uniform) = sum_i u_i log(u_i * E), u = probs.mean(0); 0 when balanced."""
+    utilisation = probs.float().mean(dim=0)  # (num_experts,)
+    return torch.xlogy(utilisation, utilisation * probs.shape[-1]).sum()

@@ -1,0 +1,316 @@
+"""Visual-token pruning: the decoder loop against transformers, pruners against eager-attention references,
+pruned generation with and without cache, Q-Former, the alignment loss, and bad schedules."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import EOS_ID, IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, right_padded
+from transformers import DynamicCache
+
+from sparsevl.model.decoder import decoder_forward
+from sparsevl.model.projectors import build_projector
+from sparsevl.model.pruning import (PruningPlan, PruningStep, build_pruning_plan, pack_kept, prefill_flops,
+                                    recycle, tokens_per_layer)
+from sparsevl.train.distill import alignment_loss
+
+ROWS = [prompt_with_image(12, 1), prompt_with_image(5, 2), prompt_with_image(8, 0)]  # unequal lengths
+
+
+def merged(model, padding_side="right", rows=ROWS):
+    ids, mask = right_padded(rows)
+    pixels = random_pixels(len(rows))
+    inputs, _ = model.prepare_inputs(ids, mask, pixels, padding_side=padding_side)
+    return ids, mask, pixels, inputs
+
+
+@pytest.mark.parametrize("llm", ["tiny-qwen3", "tiny-llama"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_decoder_loop_without_pruning_equals_transformers_forward(llm, padding_side):
+    model, _ = make_model(llm)
+    _, _, _, inputs = merged(model, padding_side)
+    theirs = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                       position_ids=inputs.position_ids).logits
+    ours = decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+    real = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours.logits[real], theirs[real], atol=1e-5, rtol=1e-5)
+    assert ours.tokens_per_layer == [inputs.inputs_embeds.shape[1]] * 4
+
+
+@pytest.mark.parametrize("llm", ["tiny-qwen3", "tiny-llama"])
+def test_decoder_loop_with_cache_equals_transformers_cached_decoding(llm):
+    model, _ = make_model(llm)
+    _, _, _, inputs = merged(model, "left")
+    cache = DynamicCache()
+    mask, positions, embeds = inputs.attention_mask, inputs.position_ids, inputs.inputs_embeds
+    theirs = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+    ours = decoder_forward(model.llm, embeds, mask, positions, use_cache=True, padding_side="left")
+    torch.testing.assert_close(ours.logits[:, -1], theirs, atol=1e-5, rtol=1e-5)
+    past = ours.past
+    for token in ([5, 9, 30], [7, 7, 2]):
+        step = model.llm.get_input_embeddings()(torch.tensor(token)[:, None])
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = positions[:, -1:] + 1
+        theirs = model.llm(inputs_embeds=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+        ours = decoder_forward(model.llm, step, mask, positions, past=past, use_cache=True)
+        past = ours.past
+        torch.testing.assert_close(ours.logits[:, -1], theirs, atol=1e-5, rtol=1e-5)
+
+
+def eager_attention(model, inputs, layer):
+    """Attention probabilities (batch, heads, seq, seq) of decoder `layer` from transformers' eager attention."""
+    model.llm.set_attn_implementation("eager")
+    try:
+        out = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                        position_ids=inputs.position_ids, output_attentions=True)
+    finally:
+        model.llm.set_attn_implementation("sdpa")
+    return out.attentions[layer]
+
+
+def reference_top_k(attention, context, row, num_kept, pruner):
+    """Kept visual positions of one row, straight from the definitions in sparsevl.model.pruning's docstring."""
+    probs = attention[row].mean(0)  # (seq, seq), head-averaged
+    visual = context.image_mask[row].nonzero().flatten()
+    candidates = context.rater_mask[row].nonzero().flatten()
+    if pruner == "fastv":
+        scores = probs[candidates[-1], visual]
+    else:
+        to_vision = probs[candidates][:, visual].sum(-1)
+        raters = candidates[to_vision >= to_vision.mean()]
+        scores = probs[raters][:, visual].mean(0)
+    return set(visual[scores.topk(num_kept).indices].tolist())
+
+
+@pytest.mark.parametrize("pruner", ["sparsevlm", "fastv"])
+@pytest.mark.parametrize("llm", ["tiny-qwen3", "tiny-llama"])
+def test_kept_tokens_are_the_top_k_of_eager_attention(pruner, llm):
+    model, _ = make_model(llm)
+    ids, mask, _, inputs = merged(model)
+    context = model.pruning_context(ids, mask, inputs)
+    layer, num_kept = 2, 10
+    attention = eager_attention(model, inputs, layer)
+    plan = PruningPlan(pruner, (PruningStep(layer, num_kept),))
+    out = decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, plan=plan,
+                          context=context)
+    assert out.tokens_per_layer[:layer] == [inputs.inputs_embeds.shape[1]] * layer
+    for row in range(len(ROWS)):
+        kept = out.kept_index[row][out.kept_mask[row]]
+        kept_visual = set(kept[inputs.image_mask[row, kept]].tolist())
+        assert kept_visual == reference_top_k(attention, context, row, num_kept, pruner)
+        text = (inputs.attention_mask[row].bool() & ~inputs.image_mask[row]).nonzero().flatten()
+        assert set(text.tolist()) <= set(kept.tolist())  # text is never dropped
+
+
+def test_kept_tokens_keep_their_original_position_ids():
+    """Pruning before layer 0 must equal the plain LLM on the kept tokens at their original positions."""
+    model, _ = make_model("tiny-qwen3")
+    ids, mask, _, inputs = merged(model)
+    plan = PruningPlan("sparsevlm", (PruningStep(0, 7),))
+    out = decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, plan=plan,
+                          context=model.pruning_context(ids, mask, inputs))
+    for row in range(len(ROWS)):
+        kept = out.kept_index[row][out.kept_mask[row]]
+        assert int(inputs.image_mask[row, kept].sum()) == 7
+        original_positions = inputs.position_ids[row, kept]
+        assert not torch.equal(original_positions, torch.arange(len(kept)))  # a gap where tokens were dropped
+        theirs = model.llm(inputs_embeds=inputs.inputs_embeds[row:row + 1, kept],
+                           position_ids=original_positions[None]).logits[0]
+        torch.testing.assert_close(out.logits[row][out.kept_mask[row]], theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pruner", ["sparsevlm", "fastv", "random"])
+def test_pruned_generation_with_cache_equals_without(pruner):
+    model, _ = make_model("tiny-qwen3")
+    model.pruning = PruningPlan(pruner, (PruningStep(1, 24), PruningStep(3, 6)), seed=3)
+    ids, mask = right_padded(ROWS)
+    pixels = random_pixels(len(ROWS))
+    runs = []
+    for use_cache in (True, False):  # sampling makes the tokens vary, so equal tokens mean equal logits
+        runs.append(model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=EOS_ID, use_cache=use_cache,
+                                   temperature=1.0, generator=torch.Generator().manual_seed(0)))
+    assert runs[0] == runs[1]
+    assert len({t for row in runs[0] for t in row}) > 3
+
+
+def test_pruned_decoding_logits_with_cache_equal_a_full_rerun():
+    model, _ = make_model("tiny-llama")
+    ids, mask, _, inputs = merged(model, "left")
+    plan = PruningPlan("sparsevlm", (PruningStep(1, 16), PruningStep(2, 4)))
+    context = model.pruning_context(ids, mask, inputs)
+    embeds, attn, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
+    prefill = decoder_forward(model.llm, embeds, attn, positions, plan=plan, context=context, use_cache=True,
+                              padding_side="left")
+    assert prefill.past.cache.get_seq_length(0) == embeds.shape[1]
+    assert prefill.past.cache.get_seq_length(3) < prefill.past.cache.get_seq_length(1) < embeds.shape[1]
+    step = model.llm.get_input_embeddings()(torch.tensor([[4], [8], [15]]))
+    attn2 = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+    positions2 = torch.cat([positions, positions[:, -1:] + 1], 1)
+    cached = decoder_forward(model.llm, step, attn2, positions2[:, -1:], past=prefill.past, use_cache=True)
+    rerun = decoder_forward(model.llm, torch.cat([embeds, step], 1), attn2, positions2, plan=plan,
+                            context=context.padded_to(embeds.shape[1] + 1), padding_side="left")
+    torch.testing.assert_close(cached.logits[:, -1], rerun.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_keeping_every_visual_token_generates_like_the_unpruned_model():
+    model, _ = make_model("tiny-qwen3")
+    ids, mask = right_padded(ROWS)
+    pixels = random_pixels(len(ROWS))
+    kwargs = dict(max_new_tokens=5, eos_token_id=EOS_ID, temperature=1.0)
+    plain = model.generate(ids, mask, pixels, generator=torch.Generator().manual_seed(1), **kwargs)
+    model.pruning = PruningPlan("sparsevlm", (PruningStep(1, model.num_image_tokens),))
+    assert model.generate(ids, mask, pixels, generator=torch.Generator().manual_seed(1), **kwargs) == plain
+
+
+def test_training_forward_prunes_and_never_rates_with_answer_tokens():
+    model, _ = make_model("tiny-qwen3")
+    ids, mask = right_padded(ROWS)
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:12], labels[1, 4] = ids[0, 9:12], ids[1, 4]  # answers at the end of two samples
+    model.pruning = PruningPlan("sparsevlm", (PruningStep(2, 8),))
+    out = model(ids, mask, random_pixels(3), labels=labels)
+    context = model.pruning_context(ids, mask, out.inputs)
+    assert not (context.rater_mask & (out.inputs.labels != -100)).any()
+    assert (out.kept_mask.sum(1) == out.inputs.attention_mask.sum(1) - (model.num_image_tokens - 8)).all()
+    assert out.logits.shape[1] == out.kept_index.shape[1] and torch.isfinite(out.losses["lm"])
+
+
+def test_recycling_averages_each_group_into_its_center():
+    hidden = torch.tensor([[[1.0, 0], [0, 1.0], [3.0, 0.1], [0.2, 5.0], [5.0, 0.2], [9.0, 9.0], [7.0, 0]]])
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.7, 0.6, 0.1, 0.5]])
+    dropped = torch.tensor([[False, True, True, True, True, True, False]])  # 6 is kept, 0 is text
+    out, centers = recycle(hidden, scores, dropped, torch.tensor([2]), pool_factor=2)
+    assert centers[0].tolist() == [False, True, True, False, False, False, False]  # the two best dropped tokens
+    torch.testing.assert_close(out[0, 1], (hidden[0, 1] + hidden[0, 3]) / 2)  # 3 points like 1
+    torch.testing.assert_close(out[0, 2], (hidden[0, 2] + hidden[0, 4]) / 2)  # 4 points like 2
+    assert torch.equal(out[0, [0, 3, 4, 5, 6]], hidden[0, [0, 3, 4, 5, 6]])  # 5 is outside the pool (2 x 2 best)
+
+
+def test_recycling_keeps_the_budget_and_changes_only_what_recycled_tokens_carry():
+    model, _ = make_model("tiny-qwen3")
+    ids, mask, _, inputs = merged(model)
+    context = model.pruning_context(ids, mask, inputs)
+    plans = [PruningPlan("sparsevlm", (PruningStep(1, 12),), num_recycled=n) for n in (0, 3)]
+    outs = [decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, plan=plan,
+                            context=context) for plan in plans]
+    assert torch.equal(outs[0].kept_index, outs[1].kept_index)  # centers are the next-best tokens: same budget
+    assert not torch.allclose(outs[0].logits, outs[1].logits)  # but they now carry their groups' mean
+
+
+def test_cls_attention_keeps_the_top_k_of_clip_eager_attention():
+    model, args = make_model("tiny-qwen3", "tiny-clip", mm_vision_select_layer=-2)
+    args.token_pruner, args.retained_tokens = "cls_attention", "0.25"
+    model.pruning = build_pruning_plan(args, model)
+    assert model.num_image_tokens == 16
+    assert build_pruning_plan(args, model) == model.pruning  # a plan already set does not change the next one
+    pixels = random_pixels(2)
+    encoder = model.vision_tower.encoder
+    encoder.set_attn_implementation("eager")
+    attentions = encoder(pixel_values=pixels, output_attentions=True).attentions
+    encoder.set_attn_implementation("sdpa")
+    reference = attentions[-2].mean(1)[:, 0, 1:].topk(16).indices.sort().values  # layer producing hidden_states[-2]
+    features = model.vision_tower(pixels)
+    embeds, _ = model.encode_images(pixels)
+    expected = model.projector(features)[0].gather(1, reference[..., None].expand(-1, -1, embeds.shape[-1]))
+    torch.testing.assert_close(embeds, expected)
+    ids, mask = right_padded(ROWS[:2])
+    assert int(model(ids, mask, pixels).inputs.image_mask.sum()) == 2 * 16
+
+
+def test_qformer_output_shape_and_gradients_reach_queries_and_features():
+    projector = build_projector("qformer", vision_dim=128, llm_dim=96, num_query_tokens=12)
+    features = torch.randn(3, 64, 128, requires_grad=True)
+    embeds, losses = projector(features)
+    assert embeds.shape == (3, 12, 96) and losses == {} and projector.num_output_tokens == 12
+    embeds.pow(2).mean().backward()
+    assert projector.queries.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
+    model, _ = make_model("tiny-qwen3", projector="qformer", num_query_tokens=8)
+    ids, mask = right_padded(ROWS)
+    out = model(ids, mask, random_pixels(3))
+    assert model.num_image_tokens == 8 and int(out.inputs.image_mask.sum()) == 3 * 8
+
+
+def test_alignment_loss_equals_the_formula_on_kept_tokens():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 7, 4)
+    kept_index = torch.tensor([[0, 2, 5, 6], [3, 4, 6, 0]])
+    kept_mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    student = torch.randn(2, 4, 4)
+    pairs = [(student[0, j], teacher[0, kept_index[0, j]]) for j in range(4)]
+    pairs += [(student[1, j], teacher[1, kept_index[1, j]]) for j in range(3)]
+    expected = sum(((s - t) ** 2).mean() for s, t in pairs) / len(pairs)
+    torch.testing.assert_close(alignment_loss(student, kept_index, kept_mask, teacher), expected)
+
+
+def test_pack_kept_orders_tokens_and_puts_fill_on_the_padding_side():
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    index, valid = pack_kept(keep, "right")
+    assert index[0].tolist() == [0, 2, 3] and valid.tolist() == [[True] * 3, [True, False, False]]
+    assert index[1, 0] == 1
+    index, valid = pack_kept(keep, "left")
+    assert index[0].tolist() == [0, 2, 3] and index[1, -1] == 1 and valid[1].tolist() == [False, False, True]
+
+
+def test_prefill_flops_follow_the_schedule():
+    config = SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, vocab_size=100)
+    plan = PruningPlan("sparsevlm", (PruningStep(1, 32), PruningStep(3, 8)))
+    counts = tokens_per_layer(plan, num_layers=4, num_text=10, num_visual=64)
+    assert counts == [74, 42, 42, 18]
+    linear = 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128
+    expected = sum(2 * n * linear + 2 * 2 * 64 * n * (n + 1) / 2 for n in counts) + 2 * 64 * 100
+    assert prefill_flops(config, counts) == pytest.approx(expected)
+
+
+def plan_args(**values):
+    defaults = dict(token_pruner="sparsevlm", pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
+                    num_recycled_tokens=0)
+    return SimpleNamespace(**{**defaults, **values})
+
+
+def test_schedules_resolve_counts_and_ratios():
+    model, _ = make_model("tiny-qwen3")
+    plan = build_pruning_plan(plan_args(pruning_layers="1,3", retained_tokens="0.5,8"), model)
+    assert plan.steps == (PruningStep(1, 32), PruningStep(3, 8))
+    assert build_pruning_plan(plan_args(token_pruner="fastv"), model).steps == (PruningStep(2, 32),)
+    assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_k=1, fastv_ratio=0.25), model).steps == (
+        PruningStep(1, 16),)
+    assert build_pruning_plan(plan_args(token_pruner="none"), model) is None
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(pruning_layers="1,3", retained_tokens="8,16"), "--retained_tokens .* strictly decreasing"),
+    (dict(pruning_layers="3,1", retained_tokens="16,8"), "--pruning_layers .* strictly increasing"),
+    (dict(pruning_layers="1,4", retained_tokens="16,8"), "--pruning_layers: layer 4 is beyond the LLM's 4 layers"),
+    (dict(pruning_layers="1", retained_tokens="65"), "--retained_tokens: keeping 65 visual tokens .* 64 per image"),
+    (dict(pruning_layers="1", retained_tokens="1.5"), "--retained_tokens: 1.5 is neither"),
+    (dict(pruning_layers="1,2", retained_tokens="16"), "--pruning_layers has 2 values but --retained_tokens has 1"),
+    (dict(pruning_layers="1"), "needs --pruning_layers and --retained_tokens"),
+    (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown"),
+    (dict(token_pruner="none", retained_tokens="8"), "--token_pruner is none"),
+    (dict(fastv_k=2), "--fastv_k/--fastv_ratio apply to --token_pruner fastv"),
+    (dict(pruning_layers="1", retained_tokens="4", num_recycled_tokens=4), "--num_recycled_tokens 4 must be fewer"),
+])
+def test_bad_schedules_are_clear_errors(values, message):
+    model, _ = make_model("tiny-qwen3")
+    with pytest.raises(ValueError, match=message):
+        build_pruning_plan(plan_args(**values), model)
+
+
+def test_cls_attention_on_siglip_names_the_flag():
+    model, _ = make_model("tiny-qwen3", "tiny-siglip")
+    with pytest.raises(ValueError, match="--token_pruner cls_attention needs a CLIP"):
+        build_pruning_plan(plan_args(token_pruner="cls_attention", retained_tokens="8"), model)
+
+
+@pytest.mark.parametrize("pruner", ["sparsevlm", "fastv"])
+def test_prompt_without_text_after_the_image_is_a_clear_error(pruner):
+    model, _ = make_model("tiny-qwen3")
+    model.pruning = PruningPlan(pruner, (PruningStep(1, 8),))
+    ids, mask = right_padded([[5, 6, IMAGE_TOKEN_ID], prompt_with_image(6, 1)])
+    with pytest.raises(ValueError, match=rf"--token_pruner {pruner}: sample\(s\) \[0\] have an image but no"):
+        model.generate(ids, mask, random_pixels(2), max_new_tokens=2, eos_token_id=EOS_ID)
+    model.pruning = PruningPlan("random", (PruningStep(1, 8),))  # the documented way out
+    assert len(model.generate(ids, mask, random_pixels(2), max_new_tokens=2, eos_token_id=EOS_ID)) == 2
