@@ -240,3 +240,17 @@ def test_bad_adaptive_arguments_are_errors_naming_the_flag():
                                          "layer's hidden states; Linear"):
         build_layer_selector(ModelArguments(use_adaptive_layer_selection=True), vision_tower=tower_without_states,
                              text_dim=8)
+
+
+def test_adaptive_composes_with_in_llm_pruning_and_refuses_cls_attention():
+    from sparsevl.model.pruning import build_pruning_plan
+
+    model = _adaptive(top_k_layers=2).train()
+    ids, mask, labels, pixels = _batch(2)
+    model.pruning = build_pruning_plan(ModelArguments(token_pruner="fastv", fastv_k=1, fastv_ratio=0.5), model)
+    out = model(ids, mask, pixels, labels)  # winner's inputs go through the pruning decoder loop
+    assert set(out.losses) == {"lm", "layer_cls"} and out.kept_index is not None
+    assert out.kept_mask.sum(1).max() < mask.sum(1).max() + model.num_projected_tokens  # visual tokens dropped
+    model.pruning = build_pruning_plan(ModelArguments(token_pruner="cls_attention", retained_tokens="8"), model)
+    with pytest.raises(ValueError, match="--token_pruner cls_attention .* --use_adaptive_layer_selection"):
+        model.eval()(ids, mask, pixels)
