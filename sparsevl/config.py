@@ -54,8 +54,8 @@ class ModelArguments:
         "Vision layers the adaptive classifier chooses from (hidden-state indices like --mm_vision_select_layer: "
         "-1 is the last layer, 0 the embeddings); default: every layer's output.")})
     top_k_layers: int = field(default=3, metadata={"help": (
-        "Adaptive training runs the classifier's k most likely layers through projector + LLM (as one batch of "
-        "k x batch); the layer with the lowest per-sample LM loss is the classifier's target.")})
+        "Adaptive training scores the classifier's k most likely layers per image (projector + LLM as one no-grad "
+        "batch of k x batch rows); each sample's lowest-LM-loss layer is trained on and is the classifier's target.")})
     layer_classifier_use_text: bool = field(default=False, metadata={"help": (
         "The layer classifier also sees the mean embedding of the text instruction (not the answer).")})
     layer_classifier_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the layer classifier MLP."})
