@@ -2,7 +2,8 @@
 
 Every variant trains the same tiny model from scratch with the same recipe and data order (finetune questions,
 vision tower trained too), then answers the held-out test questions. Prints accuracy per question type for each
-variant and the adaptive model's layer-selection distribution (overall and per question type).
+variant and the adaptive models' layer-selection distribution (overall and per question type). `adaptive` trains
+the LM on each sample's lowest-loss layer (the seed's rule), `adaptive-cls` on the classifier's own choice.
 
     python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--steps 200]
 """
@@ -21,7 +22,9 @@ ADAPTIVE_FLAGS = {"use_adaptive_layer_selection": True, "top_k_layers": 3, "laye
 def variants(middle_layer: int, warmup_steps: int) -> dict[str, dict]:
     return {"fixed -1": {"mm_vision_select_layer": -1}, "fixed -2": {"mm_vision_select_layer": -2},
             f"fixed {middle_layer}": {"mm_vision_select_layer": middle_layer},
-            "adaptive": {**ADAPTIVE_FLAGS, "layer_exploration_warmup_steps": warmup_steps}}
+            "adaptive": {**ADAPTIVE_FLAGS, "layer_exploration_warmup_steps": warmup_steps},
+            "adaptive-cls": {**ADAPTIVE_FLAGS, "layer_exploration_warmup_steps": warmup_steps,
+                             "layer_lm_loss_from": "classifier"}}
 
 
 def _flags(values: dict) -> list[str]:

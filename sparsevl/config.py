@@ -13,6 +13,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 
+LM_LOSS_SOURCES = ("best", "classifier")  # --layer_lm_loss_from
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="tiny-qwen3", metadata={"help": (
@@ -59,8 +62,14 @@ class ModelArguments:
     layer_classifier_use_text: bool = field(default=False, metadata={"help": (
         "The layer classifier also sees the mean embedding of the text instruction (not the answer).")})
     layer_classifier_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the layer classifier MLP."})
+    layer_lm_loss_from: str = field(default="best", metadata={"help": (
+        "Which tried layer supplies the LM loss in adaptive training: best (the lowest-loss one, chosen with the "
+        "answer in view) or classifier (the classifier's own top choice, as at inference; the lowest-loss layer "
+        "stays the classifier's target).")})
 
     def __post_init__(self):
+        if self.layer_lm_loss_from not in LM_LOSS_SOURCES:
+            raise ValueError(f"--layer_lm_loss_from {self.layer_lm_loss_from!r} must be one of {LM_LOSS_SOURCES}")
         if self.top_k_layers < 1:
             raise ValueError(f"--top_k_layers must be at least 1, got {self.top_k_layers}")
         if self.candidate_layers is not None:

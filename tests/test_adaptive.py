@@ -235,6 +235,8 @@ def test_bad_adaptive_arguments_are_errors_naming_the_flag():
         _adaptive(candidate_layers=[-1, 4], top_k_layers=1)
     with pytest.raises(ValueError, match="--top_k_layers must be at least 1"):
         ModelArguments(top_k_layers=0)
+    with pytest.raises(ValueError, match="--layer_lm_loss_from .worst. must be one of"):
+        ModelArguments(layer_lm_loss_from="worst")
     tower_without_states = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="--use_adaptive_layer_selection needs a vision tower that returns every "
                                          "layer's hidden states; Linear"):
@@ -254,3 +256,24 @@ def test_adaptive_composes_with_in_llm_pruning_and_refuses_cls_attention():
     model.pruning = build_pruning_plan(ModelArguments(token_pruner="cls_attention", retained_tokens="8"), model)
     with pytest.raises(ValueError, match="--token_pruner cls_attention .* --use_adaptive_layer_selection"):
         model.eval()(ids, mask, pixels)
+
+
+@torch.no_grad()
+def test_lm_loss_from_classifier_trains_its_top_choice_and_targets_the_best():
+    model = _adaptive(layer_lm_loss_from="classifier").train()
+    model.layer_selector.classifier.mlp[-1].weight.mul_(50.0)  # let images pick different layers
+    ids, mask, labels, pixels = _batch()
+    selector = model.layer_selector
+    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, labels,
+                                                 image_token_id=IMAGE_TOKEN_ID)
+    logits = selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction)
+    top1 = logits.argmax(dim=-1)
+    out = model(ids, mask, pixels, labels)
+    assert out.selected_layers.tolist() == [selector.candidate_layers[j] for j in top1.tolist()]
+    brute = _per_sample_losses(model, selector.candidate_layers, ids, mask, labels, pixels)
+    counts = _token_counts(labels).float()
+    expected_lm = (brute[torch.arange(len(ids)), top1] * counts).sum() / counts.sum()
+    torch.testing.assert_close(out.losses["lm"], expected_lm, atol=1e-5, rtol=1e-5)
+    best = brute.argmin(dim=1)
+    assert not torch.equal(best, top1), "test data should make the classifier's choice differ from the best"
+    torch.testing.assert_close(out.losses["layer_cls"], torch.nn.functional.cross_entropy(logits, best))

@@ -51,12 +51,13 @@ class AdaptiveLayerSelector(nn.Module):
     """
 
     def __init__(self, *, classifier: LayerClassifier, candidate_layers: list[int], num_vision_layers: int,
-                 top_k: int, use_text: bool):
+                 top_k: int, use_text: bool, lm_loss_from: str = "best"):
         super().__init__()
         self.classifier = classifier
         self.candidate_layers = list(candidate_layers)  # hidden-state indices 0..num_vision_layers
         self.num_vision_layers = num_vision_layers
         self.use_text = use_text
+        self.lm_loss_from = lm_loss_from  # "best": the lowest-loss tried layer trains the rest; "classifier": its top-1
         self.top_k = check_top_k(top_k, self.candidate_layers)
         self.explore_uniformly = False  # set by the training callback during --layer_exploration_warmup_steps
         self.selection_counts = torch.zeros(len(self.candidate_layers), dtype=torch.long)  # CPU, not a weight
@@ -116,8 +117,10 @@ class AdaptiveLayerSelector(nn.Module):
                         pixel_values: torch.Tensor, labels: torch.Tensor
                         ) -> tuple[MultimodalInputs, dict[str, torch.Tensor], torch.Tensor]:
         """Training: score k layers per image in one k x batch pass of `model` (a SparseVLM) without autograd;
-        return the merged inputs of each sample's lowest-loss layer, the losses so far (projector's and
-        `layer_cls`; the caller adds `lm`) and the layer used per image (images,). The vision tower runs once."""
+        return the merged inputs of the layer that trains (each sample's lowest-loss layer, or the classifier's
+        top choice with lm_loss_from="classifier"), the losses so far (projector's and `layer_cls`, whose target
+        is the lowest-loss layer; the caller adds `lm`) and the layer used per image (images,).
+        The vision tower runs once."""
         text_embeds = model.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
         features = self.candidate_features(model.vision_tower, pixel_values)  # (layers, images, tokens, vdim)
         instruction = self.instruction_per_image(text_embeds, input_ids, attention_mask, labels,
@@ -131,12 +134,13 @@ class AdaptiveLayerSelector(nn.Module):
         else:
             loss = score_layers(model, features[tried, image_index], input_ids, attention_mask, text_embeds, labels)
             target = tried[loss.argmin(dim=0)[sample_of_image], image_index]  # (images,) first on ties
-        image_embeds, losses = model.projector(features[target, image_index])  # (images, tokens, dim)
+        trained = target if self.lm_loss_from == "best" else tried[0]
+        image_embeds, losses = model.projector(features[trained, image_index])  # (images, tokens, dim)
         inputs = model.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels)
         has_labels = (inputs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
-        self._record(target)
+        self._record(trained)
         losses = {**losses, "layer_cls": layer_classifier_loss(layer_logits, target, has_labels)}
-        return inputs, losses, torch.tensor(self.candidate_layers, device=target.device)[target]
+        return inputs, losses, torch.tensor(self.candidate_layers, device=trained.device)[trained]
 
 
 @torch.no_grad()
@@ -223,14 +227,16 @@ def build_layer_selector(args, *, vision_tower, text_dim: int) -> AdaptiveLayerS
                                  hidden_size=args.layer_classifier_hidden_size,
                                  text_dim=text_dim if args.layer_classifier_use_text else None)
     return AdaptiveLayerSelector(classifier=classifier, candidate_layers=candidates, num_vision_layers=num_layers,
-                                 top_k=args.top_k_layers, use_text=args.layer_classifier_use_text)
+                                 top_k=args.top_k_layers, use_text=args.layer_classifier_use_text,
+                                 lm_loss_from=args.layer_lm_loss_from)
 
 
 def attach_layer_selector(model, args) -> None:
     """For a loaded SparseVLM: a fresh selector when `args` ask for one and the checkpoint had none; with one,
-    this run's --top_k_layers (a training choice, not part of the architecture)."""
+    this run's --top_k_layers and --layer_lm_loss_from (training choices, not part of the architecture)."""
     if model.layer_selector is not None:
         model.layer_selector.top_k = check_top_k(args.top_k_layers, model.layer_selector.candidate_layers)
+        model.layer_selector.lm_loss_from = args.layer_lm_loss_from
     elif args.use_adaptive_layer_selection:
         model.layer_selector = build_layer_selector(args, vision_tower=model.vision_tower,
                                                     text_dim=model.llm.get_input_embeddings().embedding_dim)
