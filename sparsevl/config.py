@@ -13,6 +13,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 
+LM_LOSS_SOURCES = ("best", "classifier")  # --layer_lm_loss_from
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="tiny-qwen3", metadata={"help": (
@@ -62,9 +65,37 @@ class ModelArguments:
         "fastv: fraction of visual tokens kept (default 0.5).")})
     num_recycled_tokens: int = field(default=0, metadata={"help": (
         "sparsevlm: pruned tokens aggregated into this many tokens per image (inside the retained budget).")})
+    use_adaptive_layer_selection: bool = field(default=False, metadata={"help": (
+        "A small classifier picks, per image, which vision layer feeds the projector (instead of "
+        "--mm_vision_select_layer). Training tries the classifier's --top_k_layers layers and learns from the best.")})
+    candidate_layers: list[int] | None = field(default=None, metadata={"help": (
+        "Vision layers the adaptive classifier chooses from (hidden-state indices like --mm_vision_select_layer: "
+        "-1 is the last layer, 0 the embeddings); default: every layer's output.")})
+    top_k_layers: int = field(default=3, metadata={"help": (
+        "Adaptive training scores the classifier's k most likely layers per image (projector + LLM as one no-grad "
+        "batch of k x batch rows); each sample's lowest-LM-loss layer is trained on and is the classifier's target.")})
+    layer_classifier_use_text: bool = field(default=False, metadata={"help": (
+        "The layer classifier also sees the mean embedding of the text instruction (not the answer).")})
+    layer_classifier_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the layer classifier MLP."})
+    layer_lm_loss_from: str = field(default="best", metadata={"help": (
+        "Which tried layer supplies the LM loss in adaptive training: best (the lowest-loss one, chosen with the "
+        "answer in view) or classifier (the classifier's own top choice, as at inference; the lowest-loss layer "
+        "stays the classifier's target).")})
 
     def __post_init__(self):
         check_moe_arguments(self)
+        if self.layer_lm_loss_from not in LM_LOSS_SOURCES:
+            raise ValueError(f"--layer_lm_loss_from {self.layer_lm_loss_from!r} must be one of {LM_LOSS_SOURCES}")
+        if self.top_k_layers < 1:
+            raise ValueError(f"--top_k_layers must be at least 1, got {self.top_k_layers}")
+        if self.candidate_layers is not None:
+            if not self.candidate_layers:
+                raise ValueError("--candidate_layers is empty; give at least one layer index or leave it unset")
+            if len(set(self.candidate_layers)) != len(self.candidate_layers):
+                raise ValueError(f"--candidate_layers {self.candidate_layers} repeats a layer")
+            if self.use_adaptive_layer_selection and self.top_k_layers > len(self.candidate_layers):
+                raise ValueError(f"--top_k_layers {self.top_k_layers} is larger than the {len(self.candidate_layers)} "
+                                 f"--candidate_layers {self.candidate_layers}")
 
 
 @dataclass
@@ -108,6 +139,11 @@ class SparseVLTrainingArguments(TrainingArguments):
         "Continue training from a step checkpoint: a checkpoint-N directory, or `latest` for the newest complete "
         "one in --output_dir (a fresh start when there is none yet). Restores model, optimizer, scheduler, RNG "
         "states and the data-loader position.")})
+    layer_classifier_loss_weight: float = field(default=0.1, metadata={"help": (
+        "Weight of the adaptive layer classifier's cross-entropy loss (`layer_cls`) in the total loss.")})
+    layer_exploration_warmup_steps: int = field(default=0, metadata={"help": (
+        "Adaptive selection: for the first N optimizer steps the k layers tried per image are drawn uniformly "
+        "at random instead of the classifier's top-k, so every layer gets a chance to be the target.")})
     max_bad_steps: int = field(default=5, metadata={"help": (
         "Steps with a non-finite loss or gradient are skipped (weights untouched) and logged with their samples; "
         "after this many in a row training stops with an error, leaving the last good checkpoint.")})

@@ -9,6 +9,7 @@ from sparsevl.cli import run_registered
 TARGETS = {
     "pruning": ("sparsevl.analyze.pruning", "main", "accuracy and prefill FLOPs vs kept visual tokens per pruner"),
     "routing": ("sparsevl.analyze.routing", "main", "text vs image tokens per expert of each MoE layer (heatmaps)"),
+    "layers": ("sparsevl.analyze.layers", "main", "vision layers an adaptive model picks, per question type"),
 }
 
 

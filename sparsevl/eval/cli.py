@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image_folder", default=None, help="folder image paths are relative to (default: the file's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model_id", default=None, help="llava_jsonl: `model_id` in answers (default: model folder name)")
+    return add_generation_flags(p)
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--batch_size, --max_new_tokens, --limit: how questions are answered (shared by commands that generate)."""
     p.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
     p.add_argument("--max_new_tokens", type=int, default=16, help="longest answer in tokens")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each file")

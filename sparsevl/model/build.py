@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, C
 
 from sparsevl.config import ModelArguments
 from sparsevl.model import presets
+from sparsevl.model.adaptive import build_layer_selector
 from sparsevl.model.projectors import build_projector
 from sparsevl.model.upcycle import MoELayout, apply_moe_arguments, moe_layout, train_only_moe_layers, upcycle_llm
 from sparsevl.model.vision import VisionTower, vision_encoder_class
@@ -88,7 +89,9 @@ def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm.config.hidden_size, **projector_options(args))
     apply_moe_arguments(llm, args)
-    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
+    selector = build_layer_selector(args, vision_tower=vision_tower, text_dim=llm.get_input_embeddings().embedding_dim)
+    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
+                     layer_selector=selector)
 
 
 def projector_options(args: ModelArguments) -> dict:
@@ -118,6 +121,8 @@ def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
         model.llm.requires_grad_(True)
         mode = "full"
     model.projector.requires_grad_(True)
+    if model.layer_selector is not None:
+        model.layer_selector.requires_grad_(True)
     if args.unfreeze_mm_vision_tower and mode != "projector":
         model.vision_tower.requires_grad_(True)
         mode += "+vision"
@@ -196,7 +201,10 @@ def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, ima
         upcycle_llm(llm, MoELayout(**llm_moe))
     projector = build_projector(model_args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm_config.hidden_size, **projector_options(model_args))
-    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id)
+    selector = build_layer_selector(model_args, vision_tower=vision_tower,
+                                    text_dim=llm.get_input_embeddings().embedding_dim)
+    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
+                     layer_selector=selector)
 
 
 def save_weights(state: dict[str, torch.Tensor], file: str | Path) -> None:

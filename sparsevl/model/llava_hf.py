@@ -55,6 +55,9 @@ def _select_strategy(model: SparseVLM) -> str:
 
 def llava_hf_config(model: SparseVLM) -> LlavaConfig:
     """The LlavaConfig describing our model; refuses what Llava cannot express."""
+    if model.layer_selector is not None:
+        raise ValueError("a model trained with --use_adaptive_layer_selection has no Llava layout: Llava reads one "
+                         "fixed vision layer (vision_feature_layer), not a per-image choice")
     projector = model.projector
     if not isinstance(projector, DenseProjector) or len(projector.net) not in (1, 3):
         raise ValueError(f"projector {type(projector).__name__} has no Llava layout: only the mlp2x_gelu "

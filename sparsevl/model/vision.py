@@ -18,10 +18,7 @@ class VisionTower(nn.Module):
         super().__init__()
         if select_feature not in SELECT_FEATURES:
             raise ValueError(f"--mm_vision_select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
-        num_layers = encoder.config.num_hidden_layers
-        if not -(num_layers + 1) <= select_layer <= num_layers:
-            raise ValueError(f"--mm_vision_select_layer {select_layer} is out of range for a vision tower "
-                             f"with {num_layers} layers (valid: {-(num_layers + 1)}..{num_layers})")
+        hidden_state_index(select_layer, encoder.config.num_hidden_layers, flag="--mm_vision_select_layer")
         self.encoder = encoder
         self.select_layer = select_layer
         self.select_feature = select_feature
@@ -58,6 +55,14 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = self.all_hidden_states(pixel_values)[self.select_layer]  # (images, 1 + patches, dim)
         return self.select_tokens(hidden_states)
+
+
+def hidden_state_index(layer: int, num_layers: int, *, flag: str) -> int:
+    """A layer as the flags give it (0 = embeddings, negative counts from the end) -> index 0..num_layers."""
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise ValueError(f"{flag} {layer} is out of range for a vision tower with {num_layers} layers "
+                         f"(valid: {-(num_layers + 1)}..{num_layers})")
+    return layer % (num_layers + 1)
 
 
 def vision_encoder_class(model_type: str) -> type[PreTrainedModel]:

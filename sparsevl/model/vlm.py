@@ -36,6 +36,7 @@ class VLMOutput:
     logits: torch.Tensor  # (batch, seq, vocab)
     losses: dict[str, torch.Tensor]  # named losses: "lm", the projector's auxiliary ones, "llm_*" of LLM modules
     inputs: MultimodalInputs
+    selected_layers: torch.Tensor | None = None  # (images,) vision hidden-state index per image (adaptive training)
     last_hidden_state: torch.Tensor | None = None  # (batch, kept seq, dim), from the decoder loop only
     kept_index: torch.Tensor | None = None  # (batch, kept seq) position in `inputs` of each output; None: all
     kept_mask: torch.Tensor | None = None  # (batch, kept seq) True at real (not fill) positions
@@ -45,17 +46,20 @@ class SparseVLM(nn.Module):
     """Vision tower + projector + any transformers causal LM.
 
     With a `pruning` plan set, visual tokens are dropped (before the LLM for cls_attention, else between
-    decoder layers by our own decoder loop); without one the LLM's own forward runs.
+    decoder layers by our own decoder loop); without one the LLM's own forward runs. With a `layer_selector`
+    (sparsevl.model.adaptive) each image's vision layer is chosen per image instead of the tower's fixed
+    `select_layer`; in training the selector also prepares the inputs of each sample's best layer.
     """
 
     def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int,
-                 pruning: PruningPlan | None = None):
+                 pruning: PruningPlan | None = None, layer_selector: nn.Module | None = None):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
         self.pruning = pruning
+        self.layer_selector = layer_selector
 
     @property
     def num_image_tokens(self) -> int:
@@ -73,9 +77,19 @@ class SparseVLM(nn.Module):
     def prunes_in_llm(self) -> bool:
         return self.pruning is not None and bool(self.pruning.steps)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(images, channels, height, width) -> projected visual tokens (images, tokens, llm_dim), aux losses."""
-        if self.pruning is None or self.pruning.num_kept_patches is None:
+    def encode_images(self, pixel_values: torch.Tensor, *, instruction: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(images, channels, height, width) -> projected visual tokens (images, tokens, llm_dim), aux losses.
+
+        With a layer selector, each image's most likely layer (`instruction`: (images, dim) text for its classifier).
+        """
+        prunes_before_llm = self.pruning is not None and self.pruning.num_kept_patches is not None
+        if self.layer_selector is not None:
+            if prunes_before_llm:
+                raise ValueError("--token_pruner cls_attention reads the fixed --mm_vision_select_layer and cannot "
+                                 "be combined with --use_adaptive_layer_selection")
+            return self.projector(self.layer_selector.select_features(self.vision_tower, pixel_values, instruction))
+        if not prunes_before_llm:
             features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
             return self.projector(features)
         hidden_states = self.vision_tower.all_hidden_states(pixel_values)
@@ -88,11 +102,20 @@ class SparseVLM(nn.Module):
                        pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                        *, padding_side: str = "right") -> tuple[MultimodalInputs, dict[str, torch.Tensor]]:
         """Replace every `<image>` placeholder by its image's tokens and re-pad the batch."""
+        text_embeds = self.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
         if pixel_values is not None and len(pixel_values) > 0:
-            image_embeds, aux_losses = self.encode_images(pixel_values)
+            instruction = None if self.layer_selector is None else self.layer_selector.instruction_per_image(
+                text_embeds, input_ids, attention_mask, labels, image_token_id=self.image_token_id)
+            image_embeds, aux_losses = self.encode_images(pixel_values, instruction=instruction)
         else:
             image_embeds, aux_losses = None, {}
-        text_embeds = self.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
+        return self.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels,
+                                 padding_side=padding_side), aux_losses
+
+    def merge_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_embeds: torch.Tensor,
+                     image_embeds: torch.Tensor | None, labels: torch.Tensor | None = None,
+                     *, padding_side: str = "right") -> MultimodalInputs:
+        """Splice projected images (images, tokens, dim), in placeholder order, into the text embeddings."""
         rows, next_image = [], 0
         for i in range(input_ids.shape[0]):
             keep = attention_mask[i].bool()
@@ -103,7 +126,7 @@ class SparseVLM(nn.Module):
         num_images = 0 if image_embeds is None else image_embeds.shape[0]
         if next_image != num_images:
             raise ValueError(f"the batch has {num_images} images but {next_image} {'<image>'} placeholders")
-        return _pad_rows(rows, padding_side, with_labels=labels is not None), aux_losses
+        return _pad_rows(rows, padding_side, with_labels=labels is not None)
 
     def _merge_row(self, ids, embeds, row_labels, image_embeds, next_image):
         """One sample: splice image tokens in at each placeholder. Returns (pieces dict, next image index)."""
@@ -132,14 +155,19 @@ class SparseVLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_hidden_states: bool = False) -> VLMOutput:
         """Logits and named losses; with pruning (or `return_hidden_states`) via our decoder loop."""
-        inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
+        selected_layers = None
+        has_images = pixel_values is not None and len(pixel_values) > 0
+        if self.layer_selector is not None and self.training and labels is not None and has_images:
+            inputs, losses, selected_layers = self.layer_selector.training_inputs(
+                self, input_ids, attention_mask, pixel_values, labels)
+        else:
+            inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
         if not (self.prunes_in_llm or return_hidden_states):
-            logits = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                              position_ids=inputs.position_ids, use_cache=False).logits
+            logits = self.lm_logits(inputs)
             losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
             if inputs.labels is not None:
                 losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
-            return VLMOutput(logits=logits, losses=losses, inputs=inputs)
+            return VLMOutput(logits=logits, losses=losses, inputs=inputs, selected_layers=selected_layers)
         out = decoder_forward(self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
                               plan=self.pruning, context=self.pruning_context(input_ids, attention_mask, inputs))
         losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
@@ -147,7 +175,7 @@ class SparseVLM(nn.Module):
             kept_labels = inputs.labels.gather(1, out.kept_index).masked_fill(~out.kept_mask, IGNORE_INDEX)
             losses = {"lm": causal_lm_loss(out.logits, kept_labels), **losses}
         return VLMOutput(logits=out.logits, losses=losses, inputs=inputs, last_hidden_state=out.last_hidden_state,
-                         kept_index=out.kept_index, kept_mask=out.kept_mask)
+                         kept_index=out.kept_index, kept_mask=out.kept_mask, selected_layers=selected_layers)
 
     def pruning_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         inputs: MultimodalInputs) -> PruningContext:
@@ -160,6 +188,11 @@ class SparseVLM(nn.Module):
             raters &= inputs.labels == IGNORE_INDEX
         images_per_row = ((input_ids == self.image_token_id) & attention_mask.bool()).sum(1)
         return PruningContext(inputs.image_mask, raters, images_per_row)
+
+    def lm_logits(self, inputs: MultimodalInputs, **llm_kwargs) -> torch.Tensor:
+        """The LLM over merged inputs, no cache: (batch, seq, vocab) (`logits_to_keep` may select positions)."""
+        return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                        position_ids=inputs.position_ids, use_cache=False, **llm_kwargs).logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,

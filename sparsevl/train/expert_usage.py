@@ -6,9 +6,9 @@ Reads the `expert_token_counts` buffers the MoE layers keep, then resets them; n
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from sparsevl.model.moe import MoELayer
+from sparsevl.train.trainer import LogValuesCallback
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
@@ -44,7 +44,7 @@ def format_usage_table(rows: dict[str, list[float]], step: int) -> str:
     return "\n".join(lines)
 
 
-class ExpertUsageCallback(TrainerCallback):
+class ExpertUsageCallback(LogValuesCallback):
     """Logs expert load per MoE layer at each logging step (the trainer calls `log_values`), prints the table
     on the main process (`on_log`) and resets the counters for the next window."""
 

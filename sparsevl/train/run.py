@@ -11,6 +11,7 @@ from transformers import AutoImageProcessor, set_seed
 from sparsevl.config import DataArguments, ModelArguments, SparseVLTrainingArguments, resolved_config
 from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
+from sparsevl.model.adaptive import attach_layer_selector
 from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
                                   is_checkpoint, load_checkpoint, save_checkpoint)
 from sparsevl.model.pruning import build_pruning_plan
@@ -19,6 +20,7 @@ from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs,
 from sparsevl.train.distill import make_teacher
 from sparsevl.train.expert_usage import ExpertUsageCallback
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
+from sparsevl.train.layer_stats import layer_selection_callbacks
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 # Arguments that fix the architecture: a checkpoint's values win over the command line's.
 ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
                        "num_query_tokens", "mm_moe_num_experts", "mm_moe_top_k")
+# An adaptive checkpoint's classifier fixes these too; a fixed-layer checkpoint may start adaptive training.
+ADAPTIVE_ARCHITECTURE_FIELDS = ("use_adaptive_layer_selection", "candidate_layers", "layer_classifier_use_text",
+                                "layer_classifier_hidden_size")
 
 
 def load_model_and_processors(model_args: ModelArguments):
@@ -40,6 +45,7 @@ def load_model_and_processors(model_args: ModelArguments):
         model, saved = load_checkpoint(source)
         model_args = _with_architecture_of(model_args, saved)
         apply_moe_arguments(model.llm, model_args)  # --stage moe upcycles a dense stage-2 checkpoint
+        attach_layer_selector(model, model_args)
         image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
         if model.image_token_id != image_token_id:
             raise ValueError(f"tokenizer {tokenizer_path} maps <image> to {image_token_id}, but checkpoint "
@@ -52,7 +58,8 @@ def load_model_and_processors(model_args: ModelArguments):
 
 def _with_architecture_of(current: ModelArguments, saved: ModelArguments) -> ModelArguments:
     values = {f.name: getattr(current, f.name) for f in fields(ModelArguments)}
-    values.update({name: getattr(saved, name) for name in ARCHITECTURE_FIELDS})
+    fixed = ARCHITECTURE_FIELDS + (ADAPTIVE_ARCHITECTURE_FIELDS if saved.use_adaptive_layer_selection else ())
+    values.update({name: getattr(saved, name) for name in fixed})
     return ModelArguments(**values)
 
 
@@ -60,7 +67,8 @@ def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
     """Weight of every named loss a model may return (the trainer refuses a loss without one)."""
     z_weight = training_args.router_z_loss_weight
     return {"lm": 1.0, "balance": training_args.moe_load_balancing_weight, "z": z_weight,
-            "llm_balance": training_args.moe_aux_loss_coef, "llm_z": z_weight, "align": training_args.align_loss_weight}
+            "llm_balance": training_args.moe_aux_loss_coef, "llm_z": z_weight, "align": training_args.align_loss_weight,
+            "layer_cls": training_args.layer_classifier_loss_weight}
 
 
 def describe_parameters(model, mode: str) -> str:
@@ -95,7 +103,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     guard = NonFiniteGuard(training_args.max_bad_steps)
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                              callbacks=[BestCheckpointCallback(), ExpertUsageCallback()],
+                              callbacks=[BestCheckpointCallback(), ExpertUsageCallback(), *layer_selection_callbacks(
+                                  model, training_args.layer_exploration_warmup_steps)],
                               loss_weights=loss_weights(training_args),
                               model_args=model_args, image_processor=image_processor, guard=guard,
                               teacher=teacher)

@@ -44,6 +44,13 @@ def global_batch_share(losses: dict[str, torch.Tensor], num_tokens: int, num_ite
     return shares
 
 
+class LogValuesCallback(TrainerCallback):
+    """A callback whose values (read from counters kept on the model) join every training log entry."""
+
+    def log_values(self, model) -> dict[str, float]:
+        raise NotImplementedError
+
+
 class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
@@ -116,9 +123,9 @@ class SparseVLTrainer(Trainer):
             self._loss_counts.clear()
         if "loss" in logs and self.guard is not None:
             logs["bad_steps"] = len(self.guard.bad_steps)
-        if "loss" in logs:  # callbacks with values to log (e.g. expert load) add them before the loggers run
+        if "loss" in logs:  # callbacks with values to log (expert load, layer shares) add them before the loggers run
             for callback in self.callback_handler.callbacks:
-                if hasattr(callback, "log_values"):
+                if isinstance(callback, LogValuesCallback):
                     logs.update(callback.log_values(self.model))
         super().log(logs, start_time)
 
