@@ -224,3 +224,21 @@ def test_token_pruner_flags_reach_the_model_and_a_full_budget_changes_nothing(ti
     assert keep_all.ask(image, question, max_new_tokens=5).text == plain.ask(image, question, max_new_tokens=5).text
     assert len(pruned.ask(image, question, max_new_tokens=5).token_ids) > 0
     assert serve_parser().parse_args(["--model", "m", "--token_pruner", "fastv"]).token_pruner == "fastv"
+
+
+def test_overlay_shows_the_patches_a_pruner_kept_inside_the_llm(tiny_checkpoint, image):
+    from sparsevl.serve.chat import parser as chat_parser
+
+    args = chat_parser().parse_args(["--model", str(tiny_checkpoint), "--image", "x.png", "--token_pruner", "random",
+                                     "--pruning_layers", "1", "--retained_tokens", "8"])
+    pruned = VisionAssistant.load(tiny_checkpoint, args)
+    answer = pruned.ask(image, "what shape?", max_new_tokens=3)
+    assert answer.num_visual_tokens == 64 and len(answer.kept_patches) == 8
+    # the same prompt through the model's forward names the same survivors
+    ids = pruned.prompt("what shape?", [], 3)
+    pixels = pruned.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    out = pruned.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixels,
+                       return_hidden_states=True)
+    first_visual = int(out.inputs.image_mask[0].nonzero()[0])
+    expected = sorted(p - first_visual for p in out.kept_index[0].tolist() if out.inputs.image_mask[0, p])
+    assert answer.kept_patches == expected

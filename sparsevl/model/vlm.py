@@ -199,11 +199,13 @@ class SparseVLM(nn.Module):
                  *, max_new_tokens: int = 16, eos_token_id: int, use_cache: bool = True,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
                  on_inputs: Callable[[MultimodalInputs], None] | None = None,
-                 on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[torch.Tensor], None] | None = None,
+                 on_kept: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
         """Greedy (temperature 0) or sampled decoding; returns each sample's new tokens, eos excluded.
 
         Streaming: `on_inputs` sees the merged prompt once (its `image_mask` says which positions are visual),
-        `on_token` each step's tokens (batch,) as they are chosen (finished rows repeat eos).
+        `on_token` each step's tokens (batch,) as they are chosen (finished rows repeat eos), and `on_kept`,
+        when a pruner runs inside the LLM, the prompt positions the last layer kept (batch, kept seq).
         """
         inputs, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values, padding_side="left")
         if on_inputs is not None:
@@ -219,7 +221,10 @@ class SparseVLM(nn.Module):
                 logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
                                   past_key_values=cache, use_cache=use_cache).logits[:, -1]
             else:
-                logits, cache = self._pruned_step(step_embeds, mask, step_positions, context, cache, use_cache)
+                logits, cache, kept_index = self._pruned_step(step_embeds, mask, step_positions, context, cache,
+                                                              use_cache)
+                if on_kept is not None and new_tokens.shape[1] == 0:  # the prefill decided what is kept
+                    on_kept(kept_index)
             token = _next_token(logits, temperature, generator)
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
             if on_token is not None:
@@ -240,13 +245,14 @@ class SparseVLM(nn.Module):
         return [_until_eos(row, eos_token_id) for row in new_tokens.tolist()]
 
     def _pruned_step(self, embeds, mask, positions, context: PruningContext, past: LayerwiseCache | None,
-                     use_cache: bool) -> tuple[torch.Tensor, LayerwiseCache | None]:
+                     use_cache: bool) -> tuple[torch.Tensor, LayerwiseCache | None, torch.Tensor]:
         """Next-token logits through the decoder loop: prefill prunes; cached steps reuse each layer's kept KV;
-        uncached steps re-run the whole sequence, rated by the same prompt tokens as the prefill."""
+        uncached steps re-run the whole sequence, rated by the same prompt tokens as the prefill.
+        Returns the last position's logits, the caches and the kept input positions."""
         out = decoder_forward(self.llm, embeds, mask, positions, plan=self.pruning,
                               context=context.padded_to(embeds.shape[1]) if past is None else None,
                               past=past, use_cache=use_cache, logits_to_keep=1, padding_side="left")
-        return out.logits[:, -1], out.past
+        return out.logits[:, -1], out.past, out.kept_index
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}

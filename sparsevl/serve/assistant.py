@@ -134,12 +134,13 @@ class VisionAssistant:
             tokens = self.model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixel_values,
                                          max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                                          temperature=temperature, generator=generator,
-                                         on_inputs=lambda inputs: seen.update(inputs=inputs), on_token=stream.push)[0]
+                                         on_inputs=lambda inputs: seen.update(inputs=inputs), on_token=stream.push,
+                                         on_kept=lambda kept: seen.update(kept=kept))[0]
             load = expert_load_since(before, expert_token_counts(self.model))
         stream.flush()
         num_visual = int(seen["inputs"].image_mask[0].sum())
         return Answer(text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), token_ids=tokens,
-                      num_visual_tokens=num_visual, kept_patches=kept_patches(self.model, seen["inputs"]),
+                      num_visual_tokens=num_visual, kept_patches=kept_patches(self.model, seen["inputs"], seen.get("kept")),
                       expert_load=load)
 
     def prompt(self, question: str, history: list[dict], max_new_tokens: int) -> list[int]:
@@ -161,14 +162,19 @@ class VisionAssistant:
             history = history[2:]
 
 
-def kept_patches(model: SparseVLM, inputs: MultimodalInputs) -> list[int] | None:
-    """Patch indices behind the first image's visual tokens: all patches when the LLM sees one token per patch
-    (no pruning); None when tokens do not map to patches (e.g. a Q-Former's queries)."""
+def kept_patches(model: SparseVLM, inputs: MultimodalInputs, kept_index: torch.Tensor | None = None) -> list[int] | None:
+    """Patch indices behind the first image's visual tokens that the LLM's last layer saw: all patches without
+    pruning, the survivors' patches when `kept_index` (prompt positions kept inside the LLM) is given; None when
+    tokens do not map to patches (e.g. a Q-Former's queries, or pruning before the LLM)."""
     tower = model.vision_tower
-    num_visual = int(inputs.image_mask[0].sum())
-    if num_visual != tower.num_output_tokens or tower.num_output_tokens - tower.num_patches not in (0, 1):
+    visual_positions = inputs.image_mask[0].nonzero().flatten().tolist()
+    num_cls = len(visual_positions) - tower.num_patches
+    if len(visual_positions) != tower.num_output_tokens or num_cls not in (0, 1):
         return None
-    return list(range(tower.num_patches))
+    if kept_index is None:
+        return list(range(tower.num_patches))
+    patch_at = {position: i - num_cls for i, position in enumerate(visual_positions) if i >= num_cls}
+    return sorted(patch_at[p] for p in kept_index[0].tolist() if p in patch_at)
 
 
 def moe_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
