@@ -5,7 +5,7 @@ the Qwen3-MoE / upcycled-LLaMA expert) against one dense LlamaMLP of the same si
 time forward+backward (grads of input and all weights); decode-sized cases time forward under no_grad.
 Prompt-sized variants are timed in interleaved rounds so that load from other processes hits all alike.
 
-    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2]
+    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc]
 """
 
 import argparse
@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter, dispatch_reference
+from sparsevl.runtime import tune_cpu_allocator
 
 TOKENS, DIM, FFN, EXPERTS, TOP_K = 4096, 512, 2048, 8, 2
 
@@ -159,7 +160,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per prompt-sized variant")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's allocator defaults instead of the `sparsevl` command's tuning")
     args = parser.parse_args()
+    tuned = not args.default_malloc and tune_cpu_allocator()
+    print(f"allocator: {'tuned as by the sparsevl command (sparsevl/runtime.py)' if tuned else 'glibc defaults'}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = build()

@@ -7,6 +7,8 @@ so that `sparsevl data ...` does not pay for importing the model code.
 import importlib
 import sys
 
+from sparsevl.runtime import tune_cpu_allocator
+
 # name -> ("module", "function", one-line help). Adding a subcommand is one line here.
 SUBCOMMANDS = {
     "data": ("sparsevl.data.cli", "main", "generate the built-in shapes benchmark"),
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    tune_cpu_allocator()
     return run_registered(SUBCOMMANDS, argv, prog="sparsevl", kind="command")
 
 
