@@ -8,6 +8,7 @@ import torch
 from tiny import EOS_ID, IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, right_padded
 from transformers import DynamicCache
 
+from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.decoder import decoder_forward
 from sparsevl.model.projectors import build_projector
 from sparsevl.model.pruning import (PruningPlan, PruningStep, build_pruning_plan, pack_kept, prefill_flops,
@@ -43,8 +44,8 @@ def test_decoder_loop_with_cache_equals_transformers_cached_decoding(llm):
     _, _, _, inputs = merged(model, "left")
     cache = DynamicCache()
     mask, positions, embeds = inputs.attention_mask, inputs.position_ids, inputs.inputs_embeds
-    theirs = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+    theirs = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **cache_kwarg(model.llm, cache)).logits[:, -1]
     ours = decoder_forward(model.llm, embeds, mask, positions, use_cache=True, padding_side="left")
     torch.testing.assert_close(ours.logits[:, -1], theirs, atol=1e-5, rtol=1e-5)
     past = ours.past
@@ -52,8 +53,8 @@ def test_decoder_loop_with_cache_equals_transformers_cached_decoding(llm):
         step = model.llm.get_input_embeddings()(torch.tensor(token)[:, None])
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = positions[:, -1:] + 1
-        theirs = model.llm(inputs_embeds=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
+        theirs = model.llm(inputs_embeds=step, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **cache_kwarg(model.llm, cache)).logits[:, -1]
         ours = decoder_forward(model.llm, step, mask, positions, past=past, use_cache=True)
         past = ours.past
         torch.testing.assert_close(ours.logits[:, -1], theirs, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.pruning import PruningContext, PruningPlan, pack_kept, prune_step
 
 
@@ -93,10 +94,11 @@ def decoder_forward(llm, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
             position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
         if i in starts:  # a new segment: its own mask, sized by this layer's cache
             causal_mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden,
-                                             attention_mask=masks[starts.index(i)], past_key_values=cache,
+                                             attention_mask=masks[starts.index(i)],
+                                             **cache_kwarg(create_causal_mask, cache),
                                              position_ids=positions, layer_idx=i)
         hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                       position_ids=positions, past_key_values=cache, use_cache=use_cache)
+                       position_ids=positions, use_cache=use_cache, **cache_kwarg(layer, cache))
         tokens_per_layer.append(hidden.shape[1])
     hidden = decoder.norm(hidden)
     logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)

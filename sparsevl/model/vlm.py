@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.decoder import LayerwiseCache, decoder_forward
 from sparsevl.model.pruning import PruningContext, PruningPlan, cls_attention_patches
 from sparsevl.model.vision import VisionTower
@@ -219,7 +220,7 @@ class SparseVLM(nn.Module):
         for _ in range(max_new_tokens):
             if context is None:
                 logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
-                                  past_key_values=cache, use_cache=use_cache).logits[:, -1]
+                                  use_cache=use_cache, **cache_kwarg(self.llm, cache)).logits[:, -1]
             else:
                 logits, cache, kept_index = self._pruned_step(step_embeds, mask, step_positions, context, cache,
                                                               use_cache)
