@@ -79,9 +79,8 @@ def reference_top_k(attention, context, row, num_kept, pruner):
     if pruner == "fastv":
         scores = probs[candidates[-1], visual]
     else:
-        to_vision = probs[candidates][:, visual].sum(-1)
-        raters = candidates[to_vision >= to_vision.mean()]
-        scores = probs[raters][:, visual].mean(0)
+        to_vision = probs[candidates][:, visual]  # (raters, visual)
+        scores = (to_vision.sum(-1, keepdim=True) * to_vision).sum(0)  # raters weighted by attention to vision
     return set(visual[scores.topk(num_kept).indices].tolist())
 
 

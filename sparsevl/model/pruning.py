@@ -6,9 +6,9 @@ pruners, layer L's q/k projections applied to the few query rows they need (so t
 keep running SDPA). `cls_attention` prunes before the LLM instead, from the vision tower.
 
 Pruners (exact names, `--token_pruner`):
-  sparsevlm      text-guided: raters are the instruction tokens (after the image, not answer tokens) whose
-                 mean attention to vision is at least the mean over instruction tokens; a visual token's
-                 score is the raters' mean (head-averaged) attention to it. Optionally recycles the best
+  sparsevlm      text-guided: raters are the instruction tokens (after the image, not answer tokens); a visual
+                 token's score is their (head-averaged) attention to it, each rater weighted by its own total
+                 attention to vision, so the tokens that look at the image decide. Optionally recycles the best
                  pruned tokens into `--num_recycled_tokens` aggregated tokens per image (inside the budget).
   fastv          attention from the last instruction token (FastV), at layer `--fastv_k`, keeping `--fastv_ratio`.
   random         a seeded random ranking of positions (the baseline).
@@ -227,15 +227,15 @@ def _rows_or_error(mask: torch.Tensor, visual: torch.Tensor, pruner: str) -> Non
 
 
 def text_guided_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
-    """SparseVLM: mean attention to each visual token from the raters (instruction tokens most attentive to vision)."""
+    """SparseVLM: attention to each visual token from the instruction tokens (raters), each rater weighted by
+    its own total attention to vision, so the tokens that look at the image decide (a soft rater selection:
+    the hard above-the-mean cut lost the shape word of colour questions on the shapes benchmark)."""
     visual, candidates = context.image_mask & valid, context.rater_mask & valid
     _rows_or_error(candidates, visual, "sparsevlm")
     rows, rows_valid = pack_kept(candidates, "right")
     probs = attention(rows).mean(1) * visual[:, None, :]  # (batch, R, seq): head-averaged, visual keys only
-    to_vision = probs.sum(-1)  # (batch, R) each candidate's total attention to vision
-    mean = (to_vision * rows_valid).sum(1) / rows_valid.sum(1).clamp(min=1)
-    raters = rows_valid & (to_vision >= mean[:, None])
-    return (probs * raters[..., None]).sum(1) / raters.sum(1, keepdim=True).clamp(min=1)
+    weights = probs.sum(-1) * rows_valid  # (batch, R) each rater's total attention to vision
+    return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
 
 
 def last_token_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
