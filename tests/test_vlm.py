@@ -79,3 +79,22 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     assert loaded_args.mm_projector_type == "linear"
     torch.testing.assert_close(loaded.eval()(ids, mask, pixels).logits, model(ids, mask, pixels).logits,
                                atol=0, rtol=0)
+
+
+def test_cache_kwarg_follows_the_callee_signature():
+    from sparsevl.model.cache_kwarg import cache_kwarg
+
+    def new_style(x, cache=None):
+        return x
+
+    def old_style(x, past_key_values=None):
+        return x
+
+    class OldModule(torch.nn.Module):
+        def forward(self, x, past_key_values=None):
+            return x
+
+    marker = object()
+    assert cache_kwarg(new_style, marker) == {"cache": marker}
+    assert cache_kwarg(old_style, marker) == {"past_key_values": marker}
+    assert cache_kwarg(OldModule(), marker) == {"past_key_values": marker}
