@@ -277,3 +277,32 @@ def test_lm_loss_from_classifier_trains_its_top_choice_and_targets_the_best():
     best = brute.argmin(dim=1)
     assert not torch.equal(best, top1), "test data should make the classifier's choice differ from the best"
     torch.testing.assert_close(out.losses["layer_cls"], torch.nn.functional.cross_entropy(logits, best))
+
+
+def test_adaptive_with_the_moe_projector_counts_experts_of_the_trained_pass_only():
+    """The seed's combination: total loss terms lm, layer_cls and the projector's balance; scoring k layers
+    routes k x the tokens through the experts, but expert usage counts only the pass that trains."""
+    model = make_model("tiny-llama", "tiny-clip", "moe", use_adaptive_layer_selection=True, top_k_layers=3,
+                       layer_classifier_use_text=True, mm_moe_num_experts=4, mm_moe_top_k=2)[0]
+    model.train()
+    ids, mask, labels, pixels = _batch(4)
+    out = model(ids, mask, pixels, labels)
+    assert {"lm", "layer_cls", "balance", "z"} <= set(out.losses)
+    counts = model.projector.moe.expert_token_counts
+    assert int(counts.sum()) == len(pixels) * model.num_image_tokens * 2  # images x tokens x top_k, once
+    (out.losses["lm"] + 0.1 * out.losses["layer_cls"] + 0.01 * out.losses["balance"]).backward()
+    assert model.projector.moe.router.gate.weight.grad.abs().sum() > 0
+    assert all(m.track_stats for m in model.modules() if hasattr(m, "track_stats"))
+
+
+def test_expert_stats_paused_restores_tracking():
+    from sparsevl.model.moe import MoELayer, MLPExperts, TopKRouter, expert_stats_paused
+
+    layer = MoELayer(router=TopKRouter(dim=8, num_experts=4, top_k=2),
+                     experts=MLPExperts(num_experts=4, dim=8, hidden_dim=16))
+    x = torch.randn(5, 8)
+    with expert_stats_paused(layer):
+        layer(x)
+    assert int(layer.expert_token_counts.sum()) == 0 and layer.track_stats
+    layer(x)
+    assert int(layer.expert_token_counts.sum()) == 10

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsevl.model.moe import expert_stats_paused
 from sparsevl.model.vision import hidden_state_index
 from sparsevl.model.vlm import IGNORE_INDEX, MultimodalInputs
 
@@ -149,11 +150,12 @@ def score_layers(model, features: torch.Tensor, input_ids: torch.Tensor, attenti
     """Mean LM loss (copies, batch) of each sample with each copy's images: one projector + LLM call of
     copies x batch rows. features: (copies, images, tokens, vdim), images in placeholder order."""
     copies, batch = len(features), len(input_ids)
-    image_embeds, _ = model.projector(features.flatten(0, 1))  # (copies * images, tokens, dim), copy-major
-    # Row c * batch + i is copy c of sample i; it consumes copy c's images in placeholder order.
-    inputs = model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
-                                text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
-    return per_sample_lm_loss(model, inputs).view(copies, batch)
+    with expert_stats_paused(model):  # expert usage counts the trained pass only
+        image_embeds, _ = model.projector(features.flatten(0, 1))  # (copies * images, tokens, dim), copy-major
+        # Row c * batch + i is copy c of sample i; it consumes copy c's images in placeholder order.
+        inputs = model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
+                                    text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
+        return per_sample_lm_loss(model, inputs).view(copies, batch)
 
 
 def per_sample_lm_loss(model, inputs: MultimodalInputs) -> torch.Tensor:

@@ -5,6 +5,7 @@ Router, dispatch and expert weights are separate pieces; losses are pure functio
 per-expert statistics live as buffers on the `MoELayer` that counts them.
 """
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -280,6 +281,21 @@ class MoELayer(nn.Module):
         """Zero the accumulated expert_token_counts and dropped_token_count."""
         self.expert_token_counts.zero_()
         self.dropped_token_count.zero_()
+
+
+@contextlib.contextmanager
+def expert_stats_paused(module: nn.Module):
+    """Within the block, MoE layers under `module` route as usual but add nothing to their token counts
+    (for passes that are not the model's own, e.g. adaptive selection scoring k candidate layers)."""
+    layers = [m for m in module.modules() if isinstance(m, MoELayer)]
+    previous = [layer.track_stats for layer in layers]
+    for layer in layers:
+        layer.track_stats = False
+    try:
+        yield
+    finally:
+        for layer, tracked in zip(layers, previous):
+            layer.track_stats = tracked
 
 
 def expert_load(layer: MoELayer) -> Tensor:
