@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsevl.classify.checkpoint import load_checkpoint, save_checkpoint
 from sparsevl.classify.cli import main
 from sparsevl.classify.config import ModelConfig, TrainConfig, parse_args
 from sparsevl.classify.data import load_dataset
 from sparsevl.classify.model import MultiModalMoE
-from sparsevl.classify.train import build_model, evaluate, random_affine, train
+from sparsevl.classify.train import batch_loss, build_model, contrastive_loss, evaluate, random_affine, train
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "classify").rglob("*.yaml"))
 TINY = dict(img_size=8, patch_size=2, patch_overlap=1, in_channels=1, embed_dim=32, num_layers=1, num_heads=2,
@@ -32,6 +33,34 @@ def test_short_train_on_digits_beats_80_percent(digits):
     history = train(model, digits, TrainConfig(epochs=3, batch_size=64, lr=3e-3), tokenizer=tokenizer, log=lambda s: None)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert evaluate(model, digits.test)["accuracy"] >= 0.80
+
+
+def test_label_smoothing_in_the_classification_loss(digits):
+    model, _, _ = build_model(ModelConfig(**TINY), digits)
+    model.eval()  # no router noise: the same logits on every call
+    idx = torch.arange(8)
+    images, labels = digits.train.images[idx], digits.train.labels[idx]
+    with torch.no_grad():
+        logits = model(images).logits
+        smoothed, _, correct = batch_loss(model, digits.train, idx, images, None, None, label_smoothing=0.2)
+        plain, _, _ = batch_loss(model, digits.train, idx, images, None, None)
+    torch.testing.assert_close(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.2))
+    torch.testing.assert_close(plain, F.cross_entropy(logits, labels))
+    assert correct == int((logits.argmax(-1) == labels).sum()) and abs(float(smoothed - plain)) > 1e-3
+    # by hand: 2 classes, eps 0.2 -> targets (0.9, 0.1) for label 0
+    hand = torch.tensor([[2.0, 0.0]])
+    log_p = hand.log_softmax(-1)[0]
+    torch.testing.assert_close(F.cross_entropy(hand, torch.tensor([0]), label_smoothing=0.2), -(0.9 * log_p[0] + 0.1 * log_p[1]))
+
+
+def test_contrastive_label_smoothing():
+    image_emb, text_emb = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    scale, shuffled = torch.tensor(2.0), text_emb[[1, 2, 3, 0]]
+    logits = scale.exp() * image_emb @ text_emb.T  # (images, captions)
+    uniform = -(logits.log_softmax(1).mean() + logits.log_softmax(0).mean()) / 2  # every target 1/4
+    torch.testing.assert_close(contrastive_loss(image_emb, text_emb, scale, label_smoothing=1.0), uniform)
+    torch.testing.assert_close(contrastive_loss(image_emb, shuffled, scale, label_smoothing=1.0), uniform)  # pairs no longer matter
+    assert contrastive_loss(image_emb, shuffled, scale) != pytest.approx(float(contrastive_loss(image_emb, text_emb, scale)))
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(digits, tmp_path):

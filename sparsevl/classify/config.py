@@ -56,6 +56,7 @@ class TrainConfig:
     lr_scheduler: str = _help("transformers scheduler name", "cosine", choices=["cosine", "linear", "constant_with_warmup"])
     warmup_ratio: float = _help("fraction of optimizer steps spent warming up", 0.05)
     routing_loss_weight: float = _help("weight of KL(expert utilisation || uniform) in the loss", 0.01)
+    label_smoothing: float = _help("label smoothing of the cross-entropy (classes, or captions in the contrastive loss; 0: none)", 0.0)
     checkpoint: str | None = _help("checkpoint folder to write (train) or read (test); default <save_dir>/checkpoint", None)
     save_dir: str = _help("folder for the checkpoint, figures and metrics.json", "runs/classify")
     seed: int = _help("random seed", 0)

@@ -46,23 +46,27 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_len: int)
     return enc["input_ids"], enc["attention_mask"]
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE over the batch: the i-th image matches the i-th caption."""
     logits = logit_scale.clamp(max=math.log(100)).exp() * image_emb @ text_emb.T  # (batch, batch)
     targets = torch.arange(len(logits))
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    return (F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing)) / 2
 
 
-def batch_loss(model, split: ImageSplit, idx: torch.Tensor, images: torch.Tensor, tokenizer, generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+def batch_loss(model, split: ImageSplit, idx: torch.Tensor, images: torch.Tensor, tokenizer, generator,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """-> (task loss, routing loss, correct predictions) for one micro-batch."""
     if split.captions is None:
         out = model(images)
         labels = split.labels[idx]
-        return F.cross_entropy(out.logits, labels), out.routing_loss, int((out.logits.argmax(-1) == labels).sum())
+        loss = F.cross_entropy(out.logits, labels, label_smoothing=label_smoothing)
+        return loss, out.routing_loss, int((out.logits.argmax(-1) == labels).sum())
     captions = [caps[int(torch.randint(len(caps), (1,), generator=generator))] for caps in (split.captions[i] for i in idx.tolist())]
     image_emb, image_routing = model.encode_images(images)
     text_emb, text_routing = model.encode_texts(*tokenize(tokenizer, captions, model.config.max_text_len))
-    loss = contrastive_loss(image_emb, text_emb, model.logit_scale)
+    loss = contrastive_loss(image_emb, text_emb, model.logit_scale, label_smoothing)
     correct = int(((image_emb @ text_emb.T).argmax(-1) == torch.arange(len(idx))).sum())
     return loss, image_routing + text_routing, correct
 
@@ -85,7 +89,7 @@ def train(model: MultiModalMoE, data: Dataset, config: TrainConfig, *, tokenizer
         sums = {"loss": 0.0, "routing_loss": 0.0, "correct": 0}
         for i, idx in enumerate(torch.randperm(len(split.labels), generator=generator).split(config.batch_size)):
             images = random_affine(split.images[idx], augment_shift, augment_rotation, generator)
-            task_loss, routing, correct = batch_loss(model, split, idx, images, tokenizer, generator)
+            task_loss, routing, correct = batch_loss(model, split, idx, images, tokenizer, generator, config.label_smoothing)
             ((task_loss + config.routing_loss_weight * routing) / config.grad_accum_steps).backward()
             if (i + 1) % config.grad_accum_steps == 0 or i + 1 == micro_batches:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
