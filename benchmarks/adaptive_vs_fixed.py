@@ -14,9 +14,7 @@ import json
 from pathlib import Path
 
 from sparsevl.config import parse_train_args
-from sparsevl.data.shapes import generate_shapes_dataset
-from sparsevl.data.tokenizer import build_tokenizer, save_tokenizer, texts_from_llava_json
-from sparsevl.demo import FINETUNE_FLAGS, MODEL_FLAGS, PRETRAIN_FLAGS
+from sparsevl.demo import FINETUNE_FLAGS, MODEL_FLAGS, PRETRAIN_FLAGS, make_demo_data
 
 ADAPTIVE_FLAGS = {"use_adaptive_layer_selection": True, "top_k_layers": 3, "layer_classifier_loss_weight": 0.1}
 
@@ -31,19 +29,6 @@ def variants(middle_layer: int, warmup_steps: int) -> dict[str, dict]:
 
 def _flags(values: dict) -> list[str]:
     return [token for key, value in values.items() for token in (f"--{key}", str(value))]
-
-
-def make_data(out: Path, num_train: int, num_simple: int, num_test: int) -> tuple[Path, Path]:
-    """The demo's two data sets (1-6 objects; one object) and its tokenizer, made once under `out`."""
-    data, simple = out / "data", out / "data_simple"
-    if not (data / "test_qa.json").is_file():
-        generate_shapes_dataset(data, num_train=num_train, num_test=num_test, image_size=64, grid=4,
-                                min_objects=1, max_objects=6, qa_per_image=4, seed=0)
-        generate_shapes_dataset(simple, num_train=num_simple, num_test=0, image_size=64, grid=4,
-                                min_objects=1, max_objects=1, qa_per_image=4, seed=1)
-        save_tokenizer(build_tokenizer(texts_from_llava_json([data / "captions.json", data / "finetune.json"])),
-                       out / "tokenizer")
-    return data, simple
 
 
 def main() -> None:
@@ -62,7 +47,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as printed)")
     args = parser.parse_args()
     out = Path(args.out)
-    data, simple = make_data(out, args.num_train, args.num_simple, args.num_test)
+    data, simple = out / "data", out / "data_simple"
+    if not (data / "test_qa.json").is_file():
+        make_demo_data(out, num_train=args.num_train, num_test=args.num_test, num_simple=args.num_simple,
+                       qa_per_image=4, seed=0)
     from sparsevl.analyze.layers import analyze_layers, format_breakdown
     from sparsevl.eval.run import evaluate, load_for_inference
     from sparsevl.train.run import train

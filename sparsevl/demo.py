@@ -47,6 +47,20 @@ def _flags(values: dict) -> list[str]:
     return [token for key, value in values.items() for token in (f"--{key}", str(value))]
 
 
+def make_demo_data(out: Path, *, num_train: int, num_test: int, num_simple: int, qa_per_image: int,
+                   seed: int) -> tuple[Path, Path, dict]:
+    """The demo's data under `out`: data/ (scenes of 1-6 objects), data_simple/ (one object, for stage 1) and
+    tokenizer/ (built on data/'s captions and questions). Returns (data dir, simple dir, data/'s counts)."""
+    data_dir, simple_dir = out / "data", out / "data_simple"
+    counts = generate_shapes_dataset(data_dir, num_train=num_train, num_test=num_test, image_size=64, grid=4,
+                                     min_objects=1, max_objects=6, qa_per_image=qa_per_image, seed=seed)
+    generate_shapes_dataset(simple_dir, num_train=num_simple, num_test=0, image_size=64, grid=4, min_objects=1,
+                            max_objects=1, qa_per_image=qa_per_image, seed=seed + 1)
+    tokenizer = build_tokenizer(texts_from_llava_json([data_dir / "captions.json", data_dir / "finetune.json"]))
+    save_tokenizer(tokenizer, out / "tokenizer")
+    return data_dir, simple_dir, counts
+
+
 def run_stage(name: str, flags: dict, out: Path) -> Path:
     print(f"\n=== {name} ===", flush=True)
     from sparsevl.train.run import train
@@ -58,16 +72,10 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     out = Path(args.out)
     timings, started = {}, time.perf_counter()
-    data_dir = out / "data"
-    counts = generate_shapes_dataset(data_dir, num_train=args.num_train, num_test=args.num_test, image_size=64,
-                                     grid=4, min_objects=1, max_objects=6, qa_per_image=args.qa_per_image,
-                                     seed=args.seed)
-    simple_dir = out / "data_simple"
-    generate_shapes_dataset(simple_dir, num_train=args.num_simple, num_test=0, image_size=64, grid=4, min_objects=1,
-                            max_objects=1, qa_per_image=args.qa_per_image, seed=args.seed + 1)
+    data_dir, simple_dir, counts = make_demo_data(out, num_train=args.num_train, num_test=args.num_test,
+                                                  num_simple=args.num_simple, qa_per_image=args.qa_per_image,
+                                                  seed=args.seed)
     print(f"data: {counts}")
-    tokenizer = build_tokenizer(texts_from_llava_json([data_dir / "captions.json", data_dir / "finetune.json"]))
-    save_tokenizer(tokenizer, out / "tokenizer")
     timings["data_and_tokenizer_s"] = time.perf_counter() - started
 
     common = {**MODEL_FLAGS, "vision_tower": args.vision_tower, "model_name_or_path": args.model_name_or_path,
