@@ -19,12 +19,12 @@ from sparsevl.demo import FINETUNE_FLAGS, MODEL_FLAGS, PRETRAIN_FLAGS, make_demo
 ADAPTIVE_FLAGS = {"use_adaptive_layer_selection": True, "top_k_layers": 3, "layer_classifier_loss_weight": 0.1}
 
 
-def variants(middle_layer: int, warmup_steps: int) -> dict[str, dict]:
+def variants(middle_layer: int, warmup_steps: int, exploration_rate: float) -> dict[str, dict]:
+    exploration = {"layer_exploration_warmup_steps": warmup_steps, "layer_exploration_rate": exploration_rate}
     return {"fixed -1": {"mm_vision_select_layer": -1}, "fixed -2": {"mm_vision_select_layer": -2},
             f"fixed {middle_layer}": {"mm_vision_select_layer": middle_layer},
-            "adaptive": {**ADAPTIVE_FLAGS, "layer_exploration_warmup_steps": warmup_steps},
-            "adaptive-cls": {**ADAPTIVE_FLAGS, "layer_exploration_warmup_steps": warmup_steps,
-                             "layer_lm_loss_from": "classifier"}}
+            "adaptive": {**ADAPTIVE_FLAGS, **exploration},
+            "adaptive-cls": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "classifier"}}
 
 
 def _flags(values: dict) -> list[str]:
@@ -43,7 +43,9 @@ def main() -> None:
     parser.add_argument("--num_test", type=int, default=500)
     parser.add_argument("--vision_tower", default="tiny-clip16", help="vision preset (tiny-clip16: 16 visual tokens)")
     parser.add_argument("--middle_layer", type=int, default=2, help="the middle fixed layer compared")
-    parser.add_argument("--exploration_warmup_steps", type=int, default=20)
+    parser.add_argument("--exploration_warmup_steps", type=int, default=20, help="per stage")
+    parser.add_argument("--exploration_rate", type=float, default=0.0, help="share of images exploring after it")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the data always use seed 0)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as printed)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -57,10 +59,10 @@ def main() -> None:
 
     common = {**MODEL_FLAGS, "vision_tower": args.vision_tower, "tokenizer_name_or_path": out / "tokenizer",
               "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
-              "logging_steps": 100, "save_steps": 100000, "report_to": "none", "disable_tqdm": True, "seed": 0}
+              "logging_steps": 100, "save_steps": 100000, "report_to": "none", "disable_tqdm": True, "seed": args.seed}
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for name, extra in variants(args.middle_layer, args.exploration_warmup_steps).items():
+    for name, extra in variants(args.middle_layer, args.exploration_warmup_steps, args.exploration_rate).items():
         if args.only and name not in args.only:
             continue
         run_dir = out / name.replace(" ", "_")

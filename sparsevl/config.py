@@ -144,11 +144,19 @@ class SparseVLTrainingArguments(TrainingArguments):
     layer_exploration_warmup_steps: int = field(default=0, metadata={"help": (
         "Adaptive selection: for the first N optimizer steps the k layers tried per image are drawn uniformly "
         "at random instead of the classifier's top-k, so every layer gets a chance to be the target.")})
+    layer_exploration_rate: float = field(default=0.0, metadata={"help": (
+        "Adaptive selection after the warmup: this share of images (0-1) still tries random layers, so no layer "
+        "stops training and the classifier cannot lock in on whichever layer led early.")})
     max_bad_steps: int = field(default=5, metadata={"help": (
         "Steps with a non-finite loss or gradient are skipped (weights untouched) and logged with their samples; "
         "after this many in a row training stops with an error, leaving the last good checkpoint.")})
     align_loss_weight: float = field(default=1.0, metadata={"help": (
         "sparse_distill: weight of the MSE between student and teacher last hidden states on retained tokens.")})
+
+    def __post_init__(self):
+        if not 0.0 <= self.layer_exploration_rate <= 1.0:
+            raise ValueError(f"--layer_exploration_rate must be between 0 and 1, got {self.layer_exploration_rate}")
+        super().__post_init__()
 
 
 # Each stage's recipe: flag defaults applied before YAML and command-line flags.

@@ -153,6 +153,20 @@ def test_inference_reads_each_image_at_its_argmax_layer_and_counts_it():
     assert selector.selection_counts.tolist() == torch.bincount(choice, minlength=4).tolist()
 
 
+def test_forcing_a_layer_equals_the_fixed_layer_model_and_ends_with_the_block():
+    model = _adaptive().eval()
+    ids, mask, _, pixels = _batch()
+    selector = model.layer_selector
+    chosen = model(ids, mask, pixels).logits
+    with selector.forced(2):
+        forced = model(ids, mask, pixels).logits
+    torch.testing.assert_close(forced, _fixed_view(model, selector.candidate_layers[2])(ids, mask, pixels).logits)
+    torch.testing.assert_close(model(ids, mask, pixels).logits, chosen)
+    with pytest.raises(ValueError, match="candidate position 4 is not in 0..3"):
+        with selector.forced(4):
+            pass
+
+
 def test_exploration_tries_every_layer_and_the_callback_switches_it_off():
     selector = _adaptive(top_k_layers=1).layer_selector
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(400, 1)
@@ -162,6 +176,27 @@ def test_exploration_tries_every_layer_and_the_callback_switches_it_off():
     assert set(selector.layers_to_try(logits).flatten().tolist()) == {0, 1, 2, 3}
     callback.on_step_begin(None, SimpleNamespace(global_step=2), None)
     assert set(selector.layers_to_try(logits).flatten().tolist()) == {1}
+
+
+def test_exploration_floor_keeps_a_share_of_images_on_random_layers_after_the_warmup():
+    selector = _adaptive(top_k_layers=2).layer_selector
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(4000, 1)  # the classifier's order: 1, 3, 2, 0
+    callback = LayerExplorationCallback(selector, warmup_steps=1, rate=0.4)
+    callback.on_step_begin(None, SimpleNamespace(global_step=5), None)
+    torch.manual_seed(0)
+    tried = selector.layers_to_try(logits)  # (2, images)
+    assert (tried[0] != tried[1]).all()
+    off_top_k = (tried != torch.tensor([[1], [3]])).any(dim=0).float().mean().item()
+    # An exploring image leaves the classifier's (1, 3) unless its random order starts 1, 3: 11 of 12 orders do.
+    assert off_top_k == pytest.approx(0.4 * 11 / 12, abs=0.03)
+    assert set(tried[0].tolist()) == {0, 1, 2, 3}
+    callback.on_train_end(None, None, None)
+    assert set(selector.layers_to_try(logits)[0].tolist()) == {1}
+
+
+def test_exploration_rate_outside_0_1_is_an_argument_error():
+    with pytest.raises(SystemExit, match="--layer_exploration_rate must be between 0 and 1, got 1.5"):
+        parse_train_args(["--layer_exploration_rate", "1.5", "--output_dir", "unused"])
 
 
 def test_stats_callback_tallies_epochs_and_resets():
@@ -210,8 +245,13 @@ def test_adaptive_training_run_counts_every_sample_per_epoch(shapes_dir, shapes_
     for question_type, group in analysis["by_type"].items():
         expected = sum(q["question_type"] == question_type for q in questions)
         assert group["count"] == expected and sum(group["layers"].values()) == expected
+    for group in [analysis["overall"], *analysis["by_type"].values()]:  # a perfect selector bounds every layer
+        assert set(group["forced"]) == set(group["layers"])
+        assert max(group["accuracy"], *group["forced"].values()) <= group["oracle"] <= 1.0
     assert (tmp_path / "analysis" / "layer_selection.png").stat().st_size > 1000
-    assert "=== Layer selection by question type ===" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "=== Layer selection by question type ===" in printed
+    assert "=== Accuracy with every image on one layer (this model) ===" in printed
 
 
 def test_analyze_layers_refuses_a_fixed_layer_model(shapes_tokenizer, tmp_path, capsys):

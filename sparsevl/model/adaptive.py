@@ -11,6 +11,8 @@ classifier and the LM loss never reaches it.
 Layers are hidden-state indices as `--mm_vision_select_layer` takes them: 0 is the embeddings, N the last layer.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,8 @@ class AdaptiveLayerSelector(nn.Module):
         self.use_text = use_text
         self.lm_loss_from = lm_loss_from  # "best": the lowest-loss tried layer trains the rest; "classifier": its top-1
         self.top_k = check_top_k(top_k, self.candidate_layers)
-        self.explore_uniformly = False  # set by the training callback during --layer_exploration_warmup_steps
+        self.exploration_rate = 0.0  # share of images that try random layers; set by the training callback
+        self.forced_position: int | None = None  # inference on this candidate for every image (see `forced`)
         self.selection_counts = torch.zeros(len(self.candidate_layers), dtype=torch.long)  # CPU, not a weight
 
     # --- statistics -------------------------------------------------------------------------------------------
@@ -77,6 +80,17 @@ class AdaptiveLayerSelector(nn.Module):
     def _record(self, candidate_positions: torch.Tensor) -> None:
         self.selection_counts += torch.bincount(candidate_positions.detach().cpu(),
                                                 minlength=len(self.candidate_layers))
+
+    @contextmanager
+    def forced(self, position: int):
+        """Inside: inference feeds every image from candidate `position` instead of the classifier's choice."""
+        if not 0 <= position < len(self.candidate_layers):
+            raise ValueError(f"candidate position {position} is not in 0..{len(self.candidate_layers) - 1}")
+        self.forced_position = position
+        try:
+            yield
+        finally:
+            self.forced_position = None
 
     # --- selection ----------------------------------------------------------------------------------------------
     def candidate_features(self, vision_tower, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -102,16 +116,21 @@ class AdaptiveLayerSelector(nn.Module):
                         instruction: torch.Tensor | None) -> torch.Tensor:
         """Inference: each image's features at its argmax layer (images, tokens, dim)."""
         features = self.candidate_features(vision_tower, pixel_values)
-        choice = self.layer_logits(features, instruction).argmax(dim=-1)  # (images,)
+        if self.forced_position is None:
+            choice = self.layer_logits(features, instruction).argmax(dim=-1)  # (images,)
+        else:
+            choice = torch.full((features.shape[1],), self.forced_position, device=features.device)
         self._record(choice)
         return features[choice, torch.arange(len(choice), device=choice.device)]
 
     def layers_to_try(self, layer_logits: torch.Tensor) -> torch.Tensor:
-        """(k, images) candidate positions: the classifier's top-k, or k distinct random ones while exploring."""
-        if self.explore_uniformly:
-            order = torch.rand(layer_logits.shape, device=layer_logits.device).argsort(dim=-1)
-        else:
-            order = layer_logits.argsort(dim=-1, descending=True, stable=True)
+        """(k, images) candidate positions: the classifier's top-k in its order, except for a random
+        `exploration_rate` share of images, which try k distinct layers in random order."""
+        order = layer_logits.argsort(dim=-1, descending=True, stable=True)
+        if self.exploration_rate > 0:
+            random_order = torch.rand(layer_logits.shape, device=layer_logits.device).argsort(dim=-1)
+            explores = torch.rand(len(order), device=order.device) < self.exploration_rate  # (images,)
+            order = torch.where(explores[:, None], random_order, order)
         return order[:, : self.top_k].T
 
     def training_inputs(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

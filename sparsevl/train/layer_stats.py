@@ -19,17 +19,19 @@ STATS_FIGURE = "layer_selection_stats.png"
 
 
 class LayerExplorationCallback(TrainerCallback):
-    """For the first `warmup_steps` optimizer steps the selector tries uniformly random layers, then its top-k."""
+    """For the first `warmup_steps` optimizer steps every image tries uniformly random layers; after that a
+    `rate` share of images does (an exploration floor) and the rest try the classifier's top-k."""
 
-    def __init__(self, selector, warmup_steps: int):
+    def __init__(self, selector, warmup_steps: int, rate: float = 0.0):
         self.selector = selector
         self.warmup_steps = warmup_steps
+        self.rate = rate
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.selector.explore_uniformly = state.global_step < self.warmup_steps
+        self.selector.exploration_rate = 1.0 if state.global_step < self.warmup_steps else self.rate
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.selector.explore_uniformly = False
+        self.selector.exploration_rate = 0.0
 
 
 class LayerSelectionStatsCallback(LogValuesCallback):
@@ -67,9 +69,10 @@ class LayerSelectionStatsCallback(LogValuesCallback):
         plot_layer_selection({"training": totals}, out / STATS_FIGURE, title="Vision layer selected in training")
 
 
-def layer_selection_callbacks(model, exploration_warmup_steps: int) -> list[TrainerCallback]:
+def layer_selection_callbacks(model, exploration_warmup_steps: int,
+                              exploration_rate: float = 0.0) -> list[TrainerCallback]:
     """The callbacks an adaptive model needs (none for a fixed-layer model)."""
     if model.layer_selector is None:
         return []
-    return [LayerExplorationCallback(model.layer_selector, exploration_warmup_steps),
+    return [LayerExplorationCallback(model.layer_selector, exploration_warmup_steps, exploration_rate),
             LayerSelectionStatsCallback(model.layer_selector)]

@@ -104,7 +104,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               callbacks=[BestCheckpointCallback(), ExpertUsageCallback(), *layer_selection_callbacks(
-                                  model, training_args.layer_exploration_warmup_steps)],
+                                  model, training_args.layer_exploration_warmup_steps,
+                                  training_args.layer_exploration_rate)],
                               loss_weights=loss_weights(training_args),
                               model_args=model_args, image_processor=image_processor, guard=guard,
                               teacher=teacher)
