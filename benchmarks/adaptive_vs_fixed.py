@@ -7,6 +7,9 @@ variant and the adaptive models' layer-selection distribution (overall and per q
 trains the LM on each sample's lowest-loss layer (the seed's rule), `adaptive-cls` on the classifier's choice.
 
     python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--only "fixed -1" adaptive]
+
+`--pretrained_tower CHECKPOINT` is the LLaVA setting instead: every variant reads the vision tower of a trained
+sparsevl checkpoint (e.g. the demo's), frozen, and trains a fresh projector + LLM on it.
 """
 
 import argparse
@@ -25,6 +28,18 @@ def variants(middle_layer: int, warmup_steps: int, exploration_rate: float) -> d
             f"fixed {middle_layer}": {"mm_vision_select_layer": middle_layer},
             "adaptive": {**ADAPTIVE_FLAGS, **exploration},
             "adaptive-cls": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "classifier"}}
+
+
+def export_vision_tower(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's vision encoder as a transformers model folder (safetensors + config + processor)."""
+    import shutil
+
+    from sparsevl.model.build import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    model.vision_tower.encoder.save_pretrained(out, safe_serialization=True)
+    shutil.copy(checkpoint / "preprocessor_config.json", out / "preprocessor_config.json")
+    return out
 
 
 def _flags(values: dict) -> list[str]:
@@ -46,6 +61,8 @@ def main() -> None:
     parser.add_argument("--exploration_warmup_steps", type=int, default=20, help="per stage")
     parser.add_argument("--exploration_rate", type=float, default=0.0, help="share of images exploring after it")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data always use seed 0)")
+    parser.add_argument("--pretrained_tower", type=Path, default=None,
+                        help="a sparsevl checkpoint whose vision tower every variant reads, frozen")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as printed)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -60,6 +77,9 @@ def main() -> None:
     common = {**MODEL_FLAGS, "vision_tower": args.vision_tower, "tokenizer_name_or_path": out / "tokenizer",
               "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "logging_steps": 100, "save_steps": 100000, "report_to": "none", "disable_tqdm": True, "seed": args.seed}
+    if args.pretrained_tower:
+        tower = export_vision_tower(args.pretrained_tower, out / "pretrained_tower")
+        common.update(vision_tower=tower, unfreeze_mm_vision_tower=False)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name, extra in variants(args.middle_layer, args.exploration_warmup_steps, args.exploration_rate).items():
