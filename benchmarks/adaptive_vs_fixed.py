@@ -6,7 +6,12 @@ same data order, then answers the held-out test questions. Prints accuracy per q
 variant and the adaptive models' layer-selection distribution (overall and per question type). `adaptive`
 trains the LM on each sample's lowest-loss layer (the seed's rule), `adaptive-cls` on the classifier's choice.
 
-    python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--only "fixed -1" adaptive]
+    python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--only "fixed -1" adaptive] [--seeds 0 1 2]
+
+One training seed moves accuracy by a point or more here, so compare means over `--seeds`. A variant whose
+final checkpoint exists is evaluated, not retrained; results.json is merged on write, so two processes with
+different `--only` or `--seeds` may share one `--out` (start the second once data/ exists). `--eval_data FILE`
+scores a larger held-out set instead of the 500 built-in test questions.
 
 `--pretrained_tower CHECKPOINT` is the LLaVA setting instead: every variant reads the vision tower of a trained
 sparsevl checkpoint (e.g. the demo's), frozen, and trains a fresh projector + LLM on it.
@@ -14,6 +19,7 @@ sparsevl checkpoint (e.g. the demo's), frozen, and trains a fresh projector + LL
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from sparsevl.config import parse_train_args
@@ -60,7 +66,11 @@ def main() -> None:
     parser.add_argument("--middle_layer", type=int, default=2, help="the middle fixed layer compared")
     parser.add_argument("--exploration_warmup_steps", type=int, default=20, help="per stage")
     parser.add_argument("--exploration_rate", type=float, default=0.0, help="share of images exploring after it")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (the data always use seed 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds, one run per variant each (the data always use seed 0)")
+    parser.add_argument("--eval_data", type=Path, default=None,
+                        help="held-out QA file to score (default: the 500 built-in test questions), e.g. from "
+                             "`sparsevl data shapes --out DIR --num_train 1 --num_test 3000 --seed 11`")
     parser.add_argument("--pretrained_tower", type=Path, default=None,
                         help="a sparsevl checkpoint whose vision tower every variant reads, frozen")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names as printed)")
@@ -76,37 +86,56 @@ def main() -> None:
 
     common = {**MODEL_FLAGS, "vision_tower": args.vision_tower, "tokenizer_name_or_path": out / "tokenizer",
               "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
-              "logging_steps": 100, "save_steps": 100000, "report_to": "none", "disable_tqdm": True, "seed": args.seed}
+              "logging_steps": 100, "save_steps": 100000, "report_to": "none", "disable_tqdm": True}
     if args.pretrained_tower:
         tower = export_vision_tower(args.pretrained_tower, out / "pretrained_tower")
         common.update(vision_tower=tower, unfreeze_mm_vision_tower=False)
+    test_data = args.eval_data or data / "test_qa.json"
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name, extra in variants(args.middle_layer, args.exploration_warmup_steps, args.exploration_rate).items():
         if args.only and name not in args.only:
             continue
-        run_dir = out / name.replace(" ", "_")
-        print(f"\n=== {name}: {extra} ===", flush=True)
-        stage1 = train(*parse_train_args(_flags({**common, **PRETRAIN_FLAGS, **extra, "data_path": simple / "finetune.json",
-                                                  "max_steps": args.pretrain_steps, "output_dir": run_dir / "pretrain"})))
-        stage2 = train(*parse_train_args(_flags({**common, **FINETUNE_FLAGS, **extra, "model_name_or_path": stage1,
-                                                  "data_path": data / "finetune.json", "max_steps": args.finetune_steps,
-                                                  "output_dir": run_dir / "finetune"})))
-        model, tokenizer, processor = load_for_inference(stage2)
-        metrics = evaluate(model, tokenizer, processor, [data / "test_qa.json"], out_dir=run_dir / "eval")
-        results[name] = {"qa": metrics["qa"]}
-        if model.layer_selector is not None:
-            analysis = analyze_layers(model, tokenizer, processor, [data / "test_qa.json"])
-            results[name]["layers"] = analysis
-            print(format_breakdown(analysis), flush=True)
-        results_path.write_text(json.dumps(results, indent=2))
-    types = list(next(iter(results.values()))["qa"])
+        for seed in args.seeds:
+            run_dir = out / f"{name}_seed{seed}".replace(" ", "_")
+            stage2 = run_dir / "finetune"
+            print(f"\n=== {name}, seed {seed}: {extra} ===", flush=True)
+            if not (stage2 / "model.safetensors").is_file():
+                flags = {**common, **extra, "seed": seed}
+                stage1 = train(*parse_train_args(_flags({**flags, **PRETRAIN_FLAGS, "data_path": simple / "finetune.json",
+                                                          "max_steps": args.pretrain_steps,
+                                                          "output_dir": run_dir / "pretrain"})))
+                stage2 = train(*parse_train_args(_flags({**flags, **FINETUNE_FLAGS, "model_name_or_path": stage1,
+                                                          "data_path": data / "finetune.json",
+                                                          "max_steps": args.finetune_steps, "output_dir": stage2})))
+            model, tokenizer, processor = load_for_inference(stage2)
+            result = {"qa": evaluate(model, tokenizer, processor, [test_data], out_dir=run_dir / "eval")["qa"]}
+            if model.layer_selector is not None:
+                result["layers"] = analyze_layers(model, tokenizer, processor, [test_data])
+                print(format_breakdown(result["layers"]), flush=True)
+            _merge_result(results_path, name, seed, result)
     print(f"\nstage 1 {args.pretrain_steps} + stage 2 {args.finetune_steps} steps x batch {args.batch_size}, "
-          f"test questions: {args.num_test}")
-    print(f"{'variant':<12}" + "".join(f"{t:>10}" for t in types))
-    for name, result in results.items():
-        print(f"{name:<12}" + "".join(f"{result['qa'][t]['accuracy']:10.3f}" for t in types))
+          f"test questions: {test_data}")
+    print(format_summary(json.loads(results_path.read_text())))
 
+
+def _merge_result(results_path: Path, name: str, seed: int, result: dict) -> None:
+    """Add one run to results.json, re-reading it first so that concurrent invocations keep each other's runs."""
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.setdefault(name, {})[str(seed)] = result
+    results_path.write_text(json.dumps(results, indent=2))
+
+
+def format_summary(results: dict) -> str:
+    """Accuracy per question type, mean over seeds, with the overall spread (sample std) and each seed's value."""
+    types = list(next(iter(next(iter(results.values())).values()))["qa"])
+    lines = [f"{'variant':<14}{'seeds':>6}" + "".join(f"{t:>10}" for t in types) + "     std  per seed (overall)"]
+    for name, runs in results.items():
+        overall = [run["qa"]["overall"]["accuracy"] for run in runs.values()]
+        means = [statistics.mean(run["qa"][t]["accuracy"] for run in runs.values()) for t in types]
+        spread = statistics.stdev(overall) if len(overall) > 1 else float("nan")
+        lines.append(f"{name:<14}{len(runs):>6}" + "".join(f"{m:10.3f}" for m in means) + f"{spread:8.3f}  "
+                     + " ".join(f"{seed}:{value:.3f}" for seed, value in zip(runs, overall)))
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
