@@ -19,6 +19,7 @@ sparsevl checkpoint (e.g. the demo's), frozen, and trains a fresh projector + LL
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -38,8 +39,6 @@ def variants(middle_layer: int, warmup_steps: int, exploration_rate: float) -> d
 
 def export_vision_tower(checkpoint: Path, out: Path) -> Path:
     """The checkpoint's vision encoder as a transformers model folder (safetensors + config + processor)."""
-    import shutil
-
     from sparsevl.model.build import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
@@ -82,6 +81,7 @@ def main() -> None:
                        qa_per_image=4, seed=0)
     from sparsevl.analyze.layers import analyze_layers, format_breakdown
     from sparsevl.eval.run import evaluate, load_for_inference
+    from sparsevl.model.build import WEIGHTS_NAME
     from sparsevl.train.run import train
 
     common = {**MODEL_FLAGS, "vision_tower": args.vision_tower, "tokenizer_name_or_path": out / "tokenizer",
@@ -99,7 +99,7 @@ def main() -> None:
             run_dir = out / f"{name}_seed{seed}".replace(" ", "_")
             stage2 = run_dir / "finetune"
             print(f"\n=== {name}, seed {seed}: {extra} ===", flush=True)
-            if not (stage2 / "model.safetensors").is_file():
+            if not (stage2 / WEIGHTS_NAME).is_file():
                 flags = {**common, **extra, "seed": seed}
                 stage1 = train(*parse_train_args(_flags({**flags, **PRETRAIN_FLAGS, "data_path": simple / "finetune.json",
                                                           "max_steps": args.pretrain_steps,
@@ -136,6 +136,7 @@ def format_summary(results: dict) -> str:
         lines.append(f"{name:<14}{len(runs):>6}" + "".join(f"{m:10.3f}" for m in means) + f"{spread:8.3f}  "
                      + " ".join(f"{seed}:{value:.3f}" for seed, value in zip(runs, overall)))
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
