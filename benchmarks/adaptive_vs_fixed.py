@@ -115,7 +115,9 @@ def main() -> None:
             _merge_result(results_path, name, seed, result)
     print(f"\nstage 1 {args.pretrain_steps} + stage 2 {args.finetune_steps} steps x batch {args.batch_size}, "
           f"test questions: {test_data}")
-    print(format_summary(json.loads(results_path.read_text())))
+    results = json.loads(results_path.read_text())
+    print(format_summary(results))
+    print(format_paired(results))
 
 
 def _merge_result(results_path: Path, name: str, seed: int, result: dict) -> None:
@@ -135,6 +137,31 @@ def format_summary(results: dict) -> str:
         spread = statistics.stdev(overall) if len(overall) > 1 else float("nan")
         lines.append(f"{name:<14}{len(runs):>6}" + "".join(f"{m:10.3f}" for m in means) + f"{spread:8.3f}  "
                      + " ".join(f"{seed}:{value:.3f}" for seed, value in zip(runs, overall)))
+    return "\n".join(lines)
+
+
+def format_paired(results: dict) -> str:
+    """Each adaptive variant minus the fixed layer with the best mean, seed by seed (the same seed shares the
+    data order and initialisation), with the standard error of the mean difference."""
+    def overall(name):
+        return {seed: run["qa"]["overall"]["accuracy"] for seed, run in results[name].items()}
+
+    fixed = [name for name in results if name.startswith("fixed")]
+    if not fixed:
+        return ""
+    best = max(fixed, key=lambda name: statistics.mean(overall(name).values()))
+    lines = []
+    for name in results:
+        if name in fixed:
+            continue
+        shared = sorted(overall(name).keys() & overall(best).keys(), key=int)
+        diffs = [overall(name)[seed] - overall(best)[seed] for seed in shared]
+        if not diffs:
+            continue
+        error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        lines.append(f"{name} - {best} (best fixed mean), {len(diffs)} paired seeds: mean {statistics.mean(diffs):+.4f}"
+                     f" +- {error:.4f} (standard error); per seed "
+                     + " ".join(f"{seed}:{diff:+.3f}" for seed, diff in zip(shared, diffs)))
     return "\n".join(lines)
 
 
