@@ -132,6 +132,7 @@ def format_summary(results: dict) -> str:
     types = list(next(iter(next(iter(results.values())).values()))["qa"])
     lines = [f"{'variant':<14}{'seeds':>6}" + "".join(f"{t:>10}" for t in types) + "     std  per seed (overall)"]
     for name, runs in results.items():
+        runs = dict(sorted(runs.items(), key=lambda item: int(item[0])))
         overall = [run["qa"]["overall"]["accuracy"] for run in runs.values()]
         means = [statistics.mean(run["qa"][t]["accuracy"] for run in runs.values()) for t in types]
         spread = statistics.stdev(overall) if len(overall) > 1 else float("nan")

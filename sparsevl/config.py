@@ -80,7 +80,8 @@ class ModelArguments:
     layer_lm_loss_from: str = field(default="best", metadata={"help": (
         "Which tried layer supplies the LM loss in adaptive training: best (the lowest-loss one, chosen with the "
         "answer in view) or classifier (the classifier's own top choice, as at inference; the lowest-loss layer "
-        "stays the classifier's target).")})
+        "stays the classifier's target). With best the LM can learn a different answer per layer that the "
+        "classifier cannot pick at inference: see the README's adaptive benchmark before choosing.")})
 
     def __post_init__(self):
         check_moe_arguments(self)
