@@ -144,20 +144,17 @@ def format_summary(results: dict) -> str:
 def format_paired(results: dict) -> str:
     """Each adaptive variant minus the fixed layer with the best mean, seed by seed (the same seed shares the
     data order and initialisation), with the standard error of the mean difference."""
-    def overall(name):
-        return {seed: run["qa"]["overall"]["accuracy"] for seed, run in results[name].items()}
-
+    overall = {name: {seed: run["qa"]["overall"]["accuracy"] for seed, run in runs.items()}
+               for name, runs in results.items()}
     fixed = [name for name in results if name.startswith("fixed")]
     if not fixed:
         return ""
-    best = max(fixed, key=lambda name: statistics.mean(overall(name).values()))
+    best = max(fixed, key=lambda name: statistics.mean(overall[name].values()))
     lines = []
     for name in results:
-        if name in fixed:
-            continue
-        shared = sorted(overall(name).keys() & overall(best).keys(), key=int)
-        diffs = [overall(name)[seed] - overall(best)[seed] for seed in shared]
-        if not diffs:
+        shared = sorted(overall[name].keys() & overall[best].keys(), key=int)
+        diffs = [overall[name][seed] - overall[best][seed] for seed in shared]
+        if name in fixed or not diffs:
             continue
         error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         lines.append(f"{name} - {best} (best fixed mean), {len(diffs)} paired seeds: mean {statistics.mean(diffs):+.4f}"
