@@ -2,10 +2,12 @@
 
 Both steps are forward + backward + AdamW on the same mid-size VLM (LLaMA d=512 x 8 layers, CLIP d=512 x 8
 layers, 64 visual + 64 text tokens, the last `--answer_tokens` labelled). The adaptive step runs the vision tower
-once, scores k layers in one no-grad projector + LLM call of k x batch rows, then trains on the winners.
+once, scores k layers in one no-grad projector + LLM call of k x batch rows, then trains on the winners
+(`--layer_lm_loss_from all`: trains on all k layers in one call of k x batch rows, no scoring call).
 Target: adaptive / fixed <= 2.5 for k = 3. Also prints the batched scoring call against k separate calls.
 
-    python -m benchmarks.adaptive_step [--batch_size 8] [--top_k 3] [--frozen_vision] [--llm tiny-llama --vision tiny-clip]
+    python -m benchmarks.adaptive_step [--batch_size 8] [--top_k 3] [--frozen_vision] [--layer_lm_loss_from all]
+                                       [--llm tiny-llama --vision tiny-clip]
 """
 
 import argparse
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--answer_tokens", type=int, default=16, help="labelled tokens at the end of each sample")
     parser.add_argument("--top_k", type=int, default=3)
     parser.add_argument("--frozen_vision", action="store_true", help="keep the vision tower frozen (LLaVA finetune)")
+    parser.add_argument("--layer_lm_loss_from", default="best", help="best, classifier or all (see `sparsevl train`)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--llm", default="mid-llama", help="LLM preset")
     parser.add_argument("--vision", default="mid-clip64", help="vision preset (64 px images)")
@@ -57,7 +60,8 @@ def main() -> None:
     common = dict(model_name_or_path=args.llm, vision_tower=args.vision, unfreeze_mm_vision_tower=not args.frozen_vision)
     steps = {}
     for name, extra in (("fixed", {"mm_vision_select_layer": -2}),
-                        ("adaptive", {"use_adaptive_layer_selection": True, "top_k_layers": args.top_k})):
+                        ("adaptive", {"use_adaptive_layer_selection": True, "top_k_layers": args.top_k,
+                                      "layer_lm_loss_from": args.layer_lm_loss_from})):
         torch.manual_seed(0)
         model_args = ModelArguments(**common, **extra)
         model = build_model(model_args, vocab_size=VOCAB, image_token_id=IMAGE_TOKEN).train()
@@ -77,7 +81,8 @@ def main() -> None:
         repeats=args.repeats)
     print(f"batch {args.batch_size}, {args.text_tokens - 1 + model.num_image_tokens} tokens per sample, "
           f"{args.answer_tokens} labelled; vision tower {'frozen' if args.frozen_vision else 'trained'}; "
-          f"{len(selector.candidate_layers)} candidate layers, top_k {args.top_k}")
+          f"{len(selector.candidate_layers)} candidate layers, top_k {args.top_k}, LM loss from "
+          f"{args.layer_lm_loss_from}")
     print(f"fixed-layer step: median {statistics.median(times['fixed']) * 1e3:.0f} ms; "
           f"adaptive step: median {statistics.median(times['adaptive']) * 1e3:.0f} ms")
     print(f"ratio adaptive/fixed (median of {args.repeats} paired runs): {median_ratio(times, 'adaptive', 'fixed'):.2f} "

@@ -4,7 +4,8 @@ Every variant trains the same tiny model from scratch with the demo's two-stage 
 stage 1 on one-object scenes, stage 2 on scenes of 1-6 objects, lr 3e-4, vision tower trained too) and the
 same data order, then answers the held-out test questions. Prints accuracy per question type for each
 variant and the adaptive models' layer-selection distribution (overall and per question type). `adaptive`
-trains the LM on each sample's lowest-loss layer (the seed's rule), `adaptive-cls` on the classifier's choice.
+trains the LM on each sample's lowest-loss layer (the seed's rule), `adaptive-cls` on the classifier's choice,
+`adaptive-all` on all three tried layers.
 
     python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--only "fixed -1" adaptive] [--seeds 0 1 2]
 
@@ -34,7 +35,8 @@ def variants(middle_layer: int, warmup_steps: int, exploration_rate: float) -> d
     return {"fixed -1": {"mm_vision_select_layer": -1}, "fixed -2": {"mm_vision_select_layer": -2},
             f"fixed {middle_layer}": {"mm_vision_select_layer": middle_layer},
             "adaptive": {**ADAPTIVE_FLAGS, **exploration},
-            "adaptive-cls": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "classifier"}}
+            "adaptive-cls": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "classifier"},
+            "adaptive-all": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "all"}}
 
 
 def export_vision_tower(checkpoint: Path, out: Path) -> Path:

@@ -13,7 +13,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 
-LM_LOSS_SOURCES = ("best", "classifier")  # --layer_lm_loss_from
+LM_LOSS_SOURCES = ("best", "classifier", "all")  # --layer_lm_loss_from
 
 
 @dataclass
@@ -73,15 +73,17 @@ class ModelArguments:
         "-1 is the last layer, 0 the embeddings); default: every layer's output.")})
     top_k_layers: int = field(default=3, metadata={"help": (
         "Adaptive training scores the classifier's k most likely layers per image (projector + LLM as one no-grad "
-        "batch of k x batch rows); each sample's lowest-LM-loss layer is trained on and is the classifier's target.")})
+        "batch of k x batch rows); each sample's lowest-LM-loss layer is the classifier's target and, by default, "
+        "the layer the LM trains on (see --layer_lm_loss_from).")})
     layer_classifier_use_text: bool = field(default=False, metadata={"help": (
         "The layer classifier also sees the mean embedding of the text instruction (not the answer).")})
     layer_classifier_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the layer classifier MLP."})
     layer_lm_loss_from: str = field(default="best", metadata={"help": (
-        "Which tried layer supplies the LM loss in adaptive training: best (the lowest-loss one, chosen with the "
-        "answer in view) or classifier (the classifier's own top choice, as at inference; the lowest-loss layer "
-        "stays the classifier's target). With best the LM can learn a different answer per layer that the "
-        "classifier cannot pick at inference: see the README's adaptive benchmark before choosing.")})
+        "Which tried layers supply the LM loss in adaptive training: best (the lowest-loss one, chosen with the "
+        "answer in view), classifier (the classifier's own top choice, as at inference) or all (the mean over the "
+        "k tried layers, one forward-backward of k x batch rows); the lowest-loss layer is always the classifier's "
+        "target. With best the LM can learn a different answer per layer that the classifier cannot pick at "
+        "inference: see the README's adaptive benchmark before choosing.")})
 
     def __post_init__(self):
         check_moe_arguments(self)

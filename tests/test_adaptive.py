@@ -92,8 +92,9 @@ def test_top_k_tries_the_classifier_top_k_and_picks_the_best_of_them():
     torch.testing.assert_close(out.losses["layer_cls"], torch.nn.functional.cross_entropy(logits, target))
 
 
-def test_classifier_gets_gradients_only_from_its_own_loss():
-    model = _adaptive(top_k_layers=3).train()
+@pytest.mark.parametrize("lm_loss_from", ["best", "all"])
+def test_classifier_gets_gradients_only_from_its_own_loss(lm_loss_from):
+    model = _adaptive(top_k_layers=3, layer_lm_loss_from=lm_loss_from).train()
     ids, mask, labels, pixels = _batch()
     out = model(ids, mask, pixels, labels)
     classifier = dict(model.layer_selector.named_parameters())
@@ -284,14 +285,16 @@ def test_bad_adaptive_arguments_are_errors_naming_the_flag():
                              text_dim=8)
 
 
-def test_adaptive_composes_with_in_llm_pruning_and_refuses_cls_attention():
+@pytest.mark.parametrize("lm_loss_from", ["best", "all"])
+def test_adaptive_composes_with_in_llm_pruning_and_refuses_cls_attention(lm_loss_from):
     from sparsevl.model.pruning import build_pruning_plan
 
-    model = _adaptive(top_k_layers=2).train()
+    model = _adaptive(top_k_layers=2, layer_lm_loss_from=lm_loss_from).train()
     ids, mask, labels, pixels = _batch(2)
     model.pruning = build_pruning_plan(ModelArguments(token_pruner="fastv", fastv_k=1, fastv_ratio=0.5), model)
-    out = model(ids, mask, pixels, labels)  # winner's inputs go through the pruning decoder loop
+    out = model(ids, mask, pixels, labels)  # the trained inputs go through the pruning decoder loop
     assert set(out.losses) == {"lm", "layer_cls"} and out.kept_index is not None
+    assert len(out.selected_layers) == 2 and len(out.logits) == (4 if lm_loss_from == "all" else 2)
     assert out.kept_mask.sum(1).max() < mask.sum(1).max() + model.num_projected_tokens  # visual tokens dropped
     model.pruning = build_pruning_plan(ModelArguments(token_pruner="cls_attention", retained_tokens="8"), model)
     with pytest.raises(ValueError, match="--token_pruner cls_attention .* --use_adaptive_layer_selection"):
@@ -317,6 +320,50 @@ def test_lm_loss_from_classifier_trains_its_top_choice_and_targets_the_best():
     best = brute.argmin(dim=1)
     assert not torch.equal(best, top1), "test data should make the classifier's choice differ from the best"
     torch.testing.assert_close(out.losses["layer_cls"], torch.nn.functional.cross_entropy(logits, best))
+
+
+@torch.no_grad()
+def test_lm_loss_from_all_trains_every_tried_layer_and_targets_the_best_of_them():
+    model = _adaptive(top_k_layers=2, layer_lm_loss_from="all").train()
+    model.layer_selector.classifier.mlp[-1].weight.mul_(50.0)  # let images try different layers
+    ids, mask, labels, pixels = _batch()
+    selector = model.layer_selector
+    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, labels,
+                                                 image_token_id=IMAGE_TOKEN_ID)
+    logits = selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction)
+    top2 = logits.topk(2, dim=-1).indices  # (images, 2) candidate positions
+    selector.reset_counts()
+    out = model(ids, mask, pixels, labels)
+    brute = _per_sample_losses(model, selector.candidate_layers, ids, mask, labels, pixels)
+    tried_losses = brute.gather(1, top2)  # (samples, 2)
+    counts = _token_counts(labels).float()
+    expected_lm = (tried_losses * counts[:, None]).sum() / (2 * counts.sum())  # token mean over both copies
+    torch.testing.assert_close(out.losses["lm"], expected_lm, atol=1e-5, rtol=1e-5)
+    best = top2.gather(1, tried_losses.argmin(dim=1, keepdim=True)).squeeze(1)
+    assert len(set(best.tolist())) > 1 and len(set(top2[:, 0].tolist())) > 1
+    assert out.selected_layers.tolist() == [selector.candidate_layers[j] for j in best.tolist()]
+    torch.testing.assert_close(out.losses["layer_cls"], torch.nn.functional.cross_entropy(logits, best))
+    assert selector.selection_counts.tolist() == torch.bincount(best, minlength=4).tolist()
+    assert len(out.logits) == 2 * len(ids)
+
+
+def test_trainer_weighs_the_lm_loss_over_k_copies_as_the_loss_of_one_batch(tmp_path):
+    """With lm_loss_from="all" the LLM sees k copies of each sample; the global token count Trainer passes
+    (num_items_in_batch) counts the batch once, so the lm term must not grow k-fold."""
+    from sparsevl.train.trainer import SparseVLTrainer, labelled_tokens
+
+    model = _adaptive(top_k_layers=3, layer_lm_loss_from="all").train()
+    ids, mask, labels, pixels = _batch()
+    training_args = parse_train_args(["--output_dir", str(tmp_path), "--report_to", "none"])[2]
+    trainer = SparseVLTrainer(model=model, args=training_args, loss_weights={"lm": 1.0, "layer_cls": 0.1},
+                              model_args=None)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test does not run
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
+    with torch.no_grad():
+        total = trainer.compute_loss(model, batch, num_items_in_batch=labelled_tokens(labels))
+        out = model(**batch)
+    assert len(out.inputs.labels) == 3 * len(ids)
+    torch.testing.assert_close(total, out.losses["lm"] + 0.1 * out.losses["layer_cls"])
 
 
 def test_adaptive_with_the_moe_projector_counts_experts_of_the_trained_pass_only():

@@ -5,6 +5,8 @@ The vision tower runs once and returns every layer's hidden states. In training 
 autograd; per sample, the layer with the lowest LM loss is the classifier's cross-entropy target (`layer_cls`)
 and is run once more, with autograd, to supply the LM loss that trains the rest. A step thus costs k forward
 passes plus one forward-backward instead of k forward-backwards. Inference uses the classifier's argmax.
+With `lm_loss_from="all"` every tried layer trains the LM instead: the k x batch rows run once, with autograd, and
+their per-sample losses pick the classifier's target, so no layer can specialise in answers the others miss.
 The classifier reads detached inputs and the top-k choice is not differentiable, so `layer_cls` trains only the
 classifier and the LM loss never reaches it.
 
@@ -12,6 +14,7 @@ Layers are hidden-state indices as `--mm_vision_select_layer` takes them: 0 is t
 """
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +49,38 @@ class LayerClassifier(nn.Module):
         return self.mlp(x)
 
 
+@dataclass
+class LayerTrainingPass:
+    """One adaptive training step's inputs to the LLM and what it still owes: `finish` turns the LLM's logits into
+    the classifier loss and the layer each image counts for. `tried` (k, images) candidate positions; with
+    `target` unset, the inputs hold k copies of the batch (copy-major) and their losses pick it."""
+
+    selector: "AdaptiveLayerSelector"
+    inputs: MultimodalInputs
+    losses: dict[str, torch.Tensor]
+    layer_logits: torch.Tensor  # (images, candidates)
+    tried: torch.Tensor
+    sample_of_image: torch.Tensor  # (images,)
+    has_labels: torch.Tensor  # (images,) whether the image's sample has labelled tokens
+    target: torch.Tensor | None = None  # (images,) lowest-loss candidate position, when known before the LLM runs
+    trained: torch.Tensor | None = None  # (images,) the candidate position whose LM loss trains the rest
+
+    def finish(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`layer_cls` and each image's vision layer (hidden-state index), from the trained pass's logits."""
+        target, trained = self.target, self.trained
+        if target is None:
+            row_loss = per_row_lm_loss(logits.detach(), labels).view(len(self.tried), -1)  # (copies, batch)
+            target = trained = lowest_loss_layer(row_loss, self.tried, self.sample_of_image)
+        self.selector._record(trained)
+        layers = torch.tensor(self.selector.candidate_layers, device=trained.device)[trained]
+        return {"layer_cls": layer_classifier_loss(self.layer_logits, target, self.has_labels)}, layers
+
+
 class AdaptiveLayerSelector(nn.Module):
     """Candidate layers, the classifier over them, and the selection counters (one count per image selected).
 
-    In training an image counts for the layer that supplied its LM loss; in inference for its argmax layer.
+    In training an image counts for the layer that supplied its LM loss (with "all": its lowest-loss layer); in
+    inference for its argmax layer.
     `reset_counts()` starts a new tally (the training callback does so when an epoch begins).
     """
 
@@ -60,7 +91,7 @@ class AdaptiveLayerSelector(nn.Module):
         self.candidate_layers = list(candidate_layers)  # hidden-state indices 0..num_vision_layers
         self.num_vision_layers = num_vision_layers
         self.use_text = use_text
-        self.lm_loss_from = lm_loss_from  # "best": the lowest-loss tried layer trains the rest; "classifier": its top-1
+        self.lm_loss_from = lm_loss_from  # which tried layers train the rest: "best", "classifier" (top-1) or "all"
         self.top_k = check_top_k(top_k, self.candidate_layers)
         self.exploration_rate = 0.0  # share of images that try random layers; set by the training callback
         self.forced_position: int | None = None  # inference on this candidate for every image (see `forced`)
@@ -133,14 +164,12 @@ class AdaptiveLayerSelector(nn.Module):
             order = torch.where(explores[:, None], random_order, order)
         return order[:, : self.top_k].T
 
-    def training_inputs(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        pixel_values: torch.Tensor, labels: torch.Tensor
-                        ) -> tuple[MultimodalInputs, dict[str, torch.Tensor], torch.Tensor]:
-        """Training: score k layers per image in one k x batch pass of `model` (a SparseVLM) without autograd;
-        return the merged inputs of the layer that trains (each sample's lowest-loss layer, or the classifier's
-        top choice with lm_loss_from="classifier"), the losses so far (projector's and `layer_cls`, whose target
-        is the lowest-loss layer; the caller adds `lm`) and the layer used per image (images,).
-        The vision tower runs once."""
+    def training_pass(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor, labels: torch.Tensor) -> LayerTrainingPass:
+        """Training: the merged inputs the LLM trains on, from one vision-tower pass. With lm_loss_from "best" or
+        "classifier", k layers per image are first scored in one k x batch pass of `model` (a SparseVLM) without
+        autograd; the inputs are those of each sample's lowest-loss layer ("best") or of the classifier's top choice
+        ("classifier"), and the lowest-loss layer is the classifier's target. With "all" the inputs are all k copies."""
         text_embeds = model.llm.get_input_embeddings()(input_ids)  # (batch, seq, dim)
         features = self.candidate_features(model.vision_tower, pixel_values)  # (layers, images, tokens, vdim)
         instruction = self.instruction_per_image(text_embeds, input_ids, attention_mask, labels,
@@ -149,18 +178,38 @@ class AdaptiveLayerSelector(nn.Module):
         tried = self.layers_to_try(layer_logits)  # (k, images) candidate positions
         image_index = torch.arange(tried.shape[1], device=tried.device)
         sample_of_image = image_rows(input_ids, attention_mask, model.image_token_id)  # (images,)
+        step = {"selector": self, "layer_logits": layer_logits, "tried": tried, "sample_of_image": sample_of_image}
+        if self.lm_loss_from == "all":
+            image_embeds, losses = model.projector(features[tried, image_index].flatten(0, 1))  # copy-major
+            inputs = merge_copies(model, image_embeds, input_ids, attention_mask, text_embeds, labels, len(tried))
+            has_labels = (inputs.labels[: len(input_ids), 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
+            return LayerTrainingPass(inputs=inputs, losses=losses, has_labels=has_labels, **step)
         if len(tried) == 1:
             target = tried[0]
         else:
             loss = score_layers(model, features[tried, image_index], input_ids, attention_mask, text_embeds, labels)
-            target = tried[loss.argmin(dim=0)[sample_of_image], image_index]  # (images,) first on ties
+            target = lowest_loss_layer(loss, tried, sample_of_image)
         trained = target if self.lm_loss_from == "best" else tried[0]
         image_embeds, losses = model.projector(features[trained, image_index])  # (images, tokens, dim)
         inputs = model.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels)
         has_labels = (inputs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
-        self._record(trained)
-        losses = {**losses, "layer_cls": layer_classifier_loss(layer_logits, target, has_labels)}
-        return inputs, losses, torch.tensor(self.candidate_layers, device=trained.device)[trained]
+        return LayerTrainingPass(inputs=inputs, losses=losses, has_labels=has_labels, target=target, trained=trained,
+                                 **step)
+
+
+def lowest_loss_layer(loss: torch.Tensor, tried: torch.Tensor, sample_of_image: torch.Tensor) -> torch.Tensor:
+    """(images,) the candidate position, among each image's tried ones (k, images), whose copy of the image's
+    sample has the lowest loss (copies, batch); the first tried on ties."""
+    image_index = torch.arange(tried.shape[1], device=tried.device)
+    return tried[loss.argmin(dim=0)[sample_of_image], image_index]
+
+
+def merge_copies(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 text_embeds: torch.Tensor, labels: torch.Tensor, copies: int) -> MultimodalInputs:
+    """Merged inputs of `copies` x batch rows: row c * batch + i is copy c of sample i and consumes copy c's images
+    (image_embeds: (copies * images, tokens, dim), copy-major, images in placeholder order)."""
+    return model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
+                              text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
 
 
 @torch.no_grad()
@@ -171,9 +220,7 @@ def score_layers(model, features: torch.Tensor, input_ids: torch.Tensor, attenti
     copies, batch = len(features), len(input_ids)
     with expert_stats_paused(model):  # expert usage counts the trained pass only
         image_embeds, _ = model.projector(features.flatten(0, 1))  # (copies * images, tokens, dim), copy-major
-        # Row c * batch + i is copy c of sample i; it consumes copy c's images in placeholder order.
-        inputs = model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
-                                    text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
+        inputs = merge_copies(model, image_embeds, input_ids, attention_mask, text_embeds, labels, copies)
         return per_sample_lm_loss(model, inputs).view(copies, batch)
 
 
@@ -188,6 +235,14 @@ def per_sample_lm_loss(model, inputs: MultimodalInputs) -> torch.Tensor:
     token_loss = F.cross_entropy(logits.float(), next_labels[labelled], reduction="none")
     sums = token_loss.new_zeros(len(next_labels)).index_add_(0, labelled.nonzero()[:, 0], token_loss)
     return sums / labelled.sum(dim=1).clamp(min=1)
+
+
+def per_row_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows,) mean next-token loss of each row of full logits (rows, seq, vocab); 0 for a row without labels."""
+    next_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), next_labels, ignore_index=IGNORE_INDEX,
+                                 reduction="none")  # (rows, seq-1), 0 where ignored
+    return token_loss.sum(dim=1) / (next_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
 def check_top_k(top_k: int, candidate_layers: list[int]) -> int:

@@ -156,11 +156,11 @@ class SparseVLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_hidden_states: bool = False) -> VLMOutput:
         """Logits and named losses; with pruning (or `return_hidden_states`) via our decoder loop."""
-        selected_layers = None
+        layer_pass, selected_layers = None, None
         has_images = pixel_values is not None and len(pixel_values) > 0
         if self.layer_selector is not None and self.training and labels is not None and has_images:
-            inputs, losses, selected_layers = self.layer_selector.training_inputs(
-                self, input_ids, attention_mask, pixel_values, labels)
+            layer_pass = self.layer_selector.training_pass(self, input_ids, attention_mask, pixel_values, labels)
+            inputs, losses = layer_pass.inputs, layer_pass.losses
         else:
             inputs, losses = self.prepare_inputs(input_ids, attention_mask, pixel_values, labels)
         if not (self.prunes_in_llm or return_hidden_states):
@@ -168,13 +168,21 @@ class SparseVLM(nn.Module):
             losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
             if inputs.labels is not None:
                 losses = {"lm": causal_lm_loss(logits, inputs.labels), **losses}
+            if layer_pass is not None:
+                layer_losses, selected_layers = layer_pass.finish(logits, inputs.labels)
+                losses.update(layer_losses)
             return VLMOutput(logits=logits, losses=losses, inputs=inputs, selected_layers=selected_layers)
+        copies = len(inputs.attention_mask) // len(input_ids)  # adaptive training may run k copies of the batch
+        context = self.pruning_context(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1), inputs)
         out = decoder_forward(self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
-                              plan=self.pruning, context=self.pruning_context(input_ids, attention_mask, inputs))
+                              plan=self.pruning, context=context)
         losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}
         if inputs.labels is not None:
             kept_labels = inputs.labels.gather(1, out.kept_index).masked_fill(~out.kept_mask, IGNORE_INDEX)
             losses = {"lm": causal_lm_loss(out.logits, kept_labels), **losses}
+            if layer_pass is not None:
+                layer_losses, selected_layers = layer_pass.finish(out.logits, kept_labels)
+                losses.update(layer_losses)
         return VLMOutput(logits=out.logits, losses=losses, inputs=inputs, last_hidden_state=out.last_hidden_state,
                          kept_index=out.kept_index, kept_mask=out.kept_mask, selected_layers=selected_layers)
 

@@ -82,7 +82,8 @@ class SparseVLTrainer(Trainer):
             outputs.losses["align"] = alignment_loss(outputs.last_hidden_state, outputs.kept_index,
                                                      outputs.kept_mask, target)
         losses = outputs.losses
-        num_tokens = labelled_tokens(outputs.inputs.labels)
+        copies = len(outputs.inputs.labels) // len(inputs["input_ids"])  # adaptive "all": k copies of every sample
+        num_tokens = labelled_tokens(outputs.inputs.labels) // copies  # its lm loss is already the mean over copies
         if num_items_in_batch is not None:
             losses = global_batch_share(losses, num_tokens, num_items_in_batch,
                                         num_processes=self.accelerator.num_processes,
