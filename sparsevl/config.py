@@ -237,9 +237,14 @@ def parse_train_args(argv: list[str] | None = None):
     full_argv = _dict_to_flags(STAGE_DEFAULTS[stage]) + yaml_flags + argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     try:
-        return parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=full_argv,
+                                                                                  look_for_args_file=False)
     except ValueError as error:  # a dataclass's own check (e.g. --top_k_experts > --num_experts)
         raise SystemExit(f"sparsevl train: error: {error}") from None
+    if training_args.stage == "sparse_distill" and model_args.layer_lm_loss_from == "all":
+        raise SystemExit("sparsevl train: error: --stage sparse_distill aligns each sample's hidden states with the "
+                         "teacher's, but --layer_lm_loss_from all trains k copies of every sample; use best or classifier")
+    return model_args, data_args, training_args
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

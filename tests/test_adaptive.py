@@ -278,6 +278,9 @@ def test_bad_adaptive_arguments_are_errors_naming_the_flag():
         ModelArguments(top_k_layers=0)
     with pytest.raises(ValueError, match="--layer_lm_loss_from .worst. must be one of"):
         ModelArguments(layer_lm_loss_from="worst")
+    with pytest.raises(SystemExit, match="--stage sparse_distill .* --layer_lm_loss_from all trains k copies"):
+        parse_train_args(["--stage", "sparse_distill", "--use_adaptive_layer_selection", "True",
+                          "--layer_lm_loss_from", "all", "--output_dir", "unused"])
     tower_without_states = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="--use_adaptive_layer_selection needs a vision tower that returns every "
                                          "layer's hidden states; Linear"):
