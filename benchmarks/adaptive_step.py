@@ -89,7 +89,7 @@ def main() -> None:
           f"(target <= 2.5)")
     print(f"counted FLOPs: fixed {flops['fixed'] / 1e9:.1f} G, adaptive {flops['adaptive'] / 1e9:.1f} G, "
           f"ratio {flops['adaptive'] / flops['fixed']:.2f}")
-    print(f"scoring {args.top_k} layers: one batched call / {args.top_k} separate calls = "
+    print(f"scoring {args.top_k} layers (best, classifier): one batched call / {args.top_k} separate calls = "
           f"{median_ratio(scoring, 'batched', 'separate'):.2f}")
 
 
