@@ -48,6 +48,14 @@ def _per_sample_losses(model, layers, ids, mask, labels, pixels) -> torch.Tensor
     return losses
 
 
+def _classifier_logits(model: SparseVLM, ids, mask, labels, pixels) -> torch.Tensor:
+    """(images, candidates) the layer classifier's logits, as the model computes them for this batch."""
+    selector = model.layer_selector
+    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, labels,
+                                                 image_token_id=IMAGE_TOKEN_ID)
+    return selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction)
+
+
 def _token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
@@ -78,9 +86,7 @@ def test_top_k_tries_the_classifier_top_k_and_picks_the_best_of_them():
     model = _adaptive(top_k_layers=2).train()
     ids, mask, labels, pixels = _batch()
     selector = model.layer_selector
-    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, labels,
-                                                 image_token_id=IMAGE_TOKEN_ID)
-    logits = selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction)
+    logits = _classifier_logits(model, ids, mask, labels, pixels)
     top2 = logits.topk(2, dim=-1).indices  # (images, 2) candidate positions
     out = model(ids, mask, pixels, labels)
     brute = _per_sample_losses(model, selector.candidate_layers, ids, mask, labels, pixels)
@@ -140,9 +146,7 @@ def test_inference_reads_each_image_at_its_argmax_layer_and_counts_it():
     last.weight.mul_(50.0)  # let the image, not the bias, decide, so that samples differ
     ids, mask, labels, pixels = _batch()
     selector = model.layer_selector
-    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, None,
-                                                 image_token_id=IMAGE_TOKEN_ID)
-    choice = selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction).argmax(-1)
+    choice = _classifier_logits(model, ids, mask, None, pixels).argmax(-1)  # inference: no labels
     assert len(set(choice.tolist())) > 1
     selector.reset_counts()
     logits = model(ids, mask, pixels).logits
@@ -310,9 +314,7 @@ def test_lm_loss_from_classifier_trains_its_top_choice_and_targets_the_best():
     model.layer_selector.classifier.mlp[-1].weight.mul_(50.0)  # let images pick different layers
     ids, mask, labels, pixels = _batch()
     selector = model.layer_selector
-    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, labels,
-                                                 image_token_id=IMAGE_TOKEN_ID)
-    logits = selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction)
+    logits = _classifier_logits(model, ids, mask, labels, pixels)
     top1 = logits.argmax(dim=-1)
     out = model(ids, mask, pixels, labels)
     assert out.selected_layers.tolist() == [selector.candidate_layers[j] for j in top1.tolist()]
@@ -331,9 +333,7 @@ def test_lm_loss_from_all_trains_every_tried_layer_and_targets_the_best_of_them(
     model.layer_selector.classifier.mlp[-1].weight.mul_(50.0)  # let images try different layers
     ids, mask, labels, pixels = _batch()
     selector = model.layer_selector
-    instruction = selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, labels,
-                                                 image_token_id=IMAGE_TOKEN_ID)
-    logits = selector.layer_logits(selector.candidate_features(model.vision_tower, pixels), instruction)
+    logits = _classifier_logits(model, ids, mask, labels, pixels)
     top2 = logits.topk(2, dim=-1).indices  # (images, 2) candidate positions
     selector.reset_counts()
     out = model(ids, mask, pixels, labels)
