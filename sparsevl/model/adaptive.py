@@ -14,7 +14,7 @@ Layers are hidden-state indices as `--mm_vision_select_layer` takes them: 0 is t
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -178,12 +178,13 @@ class AdaptiveLayerSelector(nn.Module):
         tried = self.layers_to_try(layer_logits)  # (k, images) candidate positions
         image_index = torch.arange(tried.shape[1], device=tried.device)
         sample_of_image = image_rows(input_ids, attention_mask, model.image_token_id)  # (images,)
-        step = {"selector": self, "layer_logits": layer_logits, "tried": tried, "sample_of_image": sample_of_image}
+        has_labels = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]  # (images,)
+        step = {"selector": self, "layer_logits": layer_logits, "tried": tried, "sample_of_image": sample_of_image,
+                "has_labels": has_labels}
         if self.lm_loss_from == "all":
             image_embeds, losses = model.projector(features[tried, image_index].flatten(0, 1))  # copy-major
             inputs = merge_copies(model, image_embeds, input_ids, attention_mask, text_embeds, labels, len(tried))
-            has_labels = (inputs.labels[: len(input_ids), 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
-            return LayerTrainingPass(inputs=inputs, losses=losses, has_labels=has_labels, **step)
+            return LayerTrainingPass(inputs=inputs, losses=losses, **step)
         if len(tried) == 1:
             target = tried[0]
         else:
@@ -192,9 +193,7 @@ class AdaptiveLayerSelector(nn.Module):
         trained = target if self.lm_loss_from == "best" else tried[0]
         image_embeds, losses = model.projector(features[trained, image_index])  # (images, tokens, dim)
         inputs = model.merge_inputs(input_ids, attention_mask, text_embeds, image_embeds, labels)
-        has_labels = (inputs.labels[:, 1:] != IGNORE_INDEX).any(dim=1)[sample_of_image]
-        return LayerTrainingPass(inputs=inputs, losses=losses, has_labels=has_labels, target=target, trained=trained,
-                                 **step)
+        return LayerTrainingPass(inputs=inputs, losses=losses, target=target, trained=trained, **step)
 
 
 def lowest_loss_layer(loss: torch.Tensor, tried: torch.Tensor, sample_of_image: torch.Tensor) -> torch.Tensor:
@@ -208,8 +207,9 @@ def merge_copies(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, att
                  text_embeds: torch.Tensor, labels: torch.Tensor, copies: int) -> MultimodalInputs:
     """Merged inputs of `copies` x batch rows: row c * batch + i is copy c of sample i and consumes copy c's images
     (image_embeds: (copies * images, tokens, dim), copy-major, images in placeholder order)."""
-    return model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
-                              text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
+    inputs = model.merge_inputs(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1),
+                                text_embeds.repeat(copies, 1, 1), image_embeds, labels.repeat(copies, 1))
+    return replace(inputs, copies=copies)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ class MultimodalInputs:
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     image_mask: torch.Tensor  # True where the token is a visual token
+    copies: int = 1  # rows per sample: k when adaptive training runs each sample with k vision layers
 
 
 @dataclass
@@ -172,8 +173,8 @@ class SparseVLM(nn.Module):
                 layer_losses, selected_layers = layer_pass.finish(logits, inputs.labels)
                 losses.update(layer_losses)
             return VLMOutput(logits=logits, losses=losses, inputs=inputs, selected_layers=selected_layers)
-        copies = len(inputs.attention_mask) // len(input_ids)  # adaptive training may run k copies of the batch
-        context = self.pruning_context(input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1), inputs)
+        context = self.pruning_context(input_ids.repeat(inputs.copies, 1), attention_mask.repeat(inputs.copies, 1),
+                                       inputs)
         out = decoder_forward(self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
                               plan=self.pruning, context=context)
         losses = {**losses, **pop_module_losses(self.llm, prefix="llm_")}

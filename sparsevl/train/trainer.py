@@ -82,9 +82,8 @@ class SparseVLTrainer(Trainer):
             outputs.losses["align"] = alignment_loss(outputs.last_hidden_state, outputs.kept_index,
                                                      outputs.kept_mask, target)
         losses = outputs.losses
-        labels = outputs.inputs.labels
-        copies = 1 if labels is None else len(labels) // len(inputs["input_ids"])  # adaptive "all": k per sample
-        num_tokens = labelled_tokens(labels) // copies  # the lm loss is already the mean over the copies
+        # Adaptive "all" runs k copies of each sample; its lm loss is already their mean.
+        num_tokens = labelled_tokens(outputs.inputs.labels) // outputs.inputs.copies
         if num_items_in_batch is not None:
             losses = global_batch_share(losses, num_tokens, num_items_in_batch,
                                         num_processes=self.accelerator.num_processes,
