@@ -2,7 +2,7 @@
 
 Both steps are forward + backward + AdamW on the same mid-size VLM (LLaMA d=512 x 8 layers, CLIP d=512 x 8
 layers, 64 visual + 64 text tokens, the last `--answer_tokens` labelled). The adaptive step runs the vision tower
-once, scores k layers in one no-grad projector + LLM call of k x batch rows, then trains on the winners
+once, scores k layers in one no-grad projector + LLM call of k x batch rows, then trains on one layer per image
 (`--layer_lm_loss_from all`: trains on all k layers in one call of k x batch rows, no scoring call).
 Target: adaptive / fixed <= 2.5 for k = 3. Also prints the batched scoring call against k separate calls.
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--answer_tokens", type=int, default=16, help="labelled tokens at the end of each sample")
     parser.add_argument("--top_k", type=int, default=3)
     parser.add_argument("--frozen_vision", action="store_true", help="keep the vision tower frozen (LLaVA finetune)")
-    parser.add_argument("--layer_lm_loss_from", default="best", choices=LM_LOSS_SOURCES, help="see `sparsevl train`")
+    parser.add_argument("--layer_lm_loss_from", default="classifier", choices=LM_LOSS_SOURCES, help="see `sparsevl train`")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--llm", default="mid-llama", help="LLM preset")
     parser.add_argument("--vision", default="mid-clip64", help="vision preset (64 px images)")

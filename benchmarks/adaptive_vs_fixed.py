@@ -3,11 +3,11 @@
 Every variant trains the same tiny model from scratch with the demo's two-stage recipe (`sparsevl demo`:
 stage 1 on one-object scenes, stage 2 on scenes of 1-6 objects, lr 3e-4, vision tower trained too) and the
 same data order, then answers the held-out test questions. Prints accuracy per question type for each
-variant and the adaptive models' layer-selection distribution (overall and per question type). `adaptive`
-trains the LM on each sample's lowest-loss layer (the seed's rule), `adaptive-cls` on the classifier's choice,
+variant and the adaptive models' layer-selection distribution (overall and per question type). `adaptive-cls`
+trains the LM on the classifier's choice (the default), `adaptive-best` on each sample's lowest-loss layer,
 `adaptive-all` on all three tried layers.
 
-    python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--only "fixed -1" adaptive] [--seeds 0 1 2]
+    python -m benchmarks.adaptive_vs_fixed --out runs/adaptive_vs_fixed [--only "fixed -1" adaptive-cls] [--seeds 0 1 2]
 
 One training seed moves accuracy by a point or more here, so compare means over `--seeds`. A variant whose
 final checkpoint exists is evaluated, not retrained; results.json is merged on write, so two processes with
@@ -34,7 +34,7 @@ def variants(middle_layer: int, warmup_steps: int, exploration_rate: float) -> d
     exploration = {"layer_exploration_warmup_steps": warmup_steps, "layer_exploration_rate": exploration_rate}
     return {"fixed -1": {"mm_vision_select_layer": -1}, "fixed -2": {"mm_vision_select_layer": -2},
             f"fixed {middle_layer}": {"mm_vision_select_layer": middle_layer},
-            "adaptive": {**ADAPTIVE_FLAGS, **exploration},
+            "adaptive-best": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "best"},
             "adaptive-cls": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "classifier"},
             "adaptive-all": {**ADAPTIVE_FLAGS, **exploration, "layer_lm_loss_from": "all"}}
 

@@ -67,23 +67,24 @@ class ModelArguments:
         "sparsevlm: pruned tokens aggregated into this many tokens per image (inside the retained budget).")})
     use_adaptive_layer_selection: bool = field(default=False, metadata={"help": (
         "A small classifier picks, per image, which vision layer feeds the projector (instead of "
-        "--mm_vision_select_layer). Training tries the classifier's --top_k_layers layers and learns from the best.")})
+        "--mm_vision_select_layer). Training tries the classifier's --top_k_layers layers and teaches it the best "
+        "one.")})
     candidate_layers: list[int] | None = field(default=None, metadata={"help": (
         "Vision layers the adaptive classifier chooses from (hidden-state indices like --mm_vision_select_layer: "
         "-1 is the last layer, 0 the embeddings); default: every layer's output.")})
     top_k_layers: int = field(default=3, metadata={"help": (
         "Adaptive training scores the classifier's k most likely layers per image (projector + LLM as one no-grad "
-        "batch of k x batch rows); each sample's lowest-LM-loss layer is the classifier's target and, by default, "
-        "the layer the LM trains on (see --layer_lm_loss_from).")})
+        "batch of k x batch rows); each sample's lowest-LM-loss layer is the classifier's target "
+        "(--layer_lm_loss_from says which layer the LM trains on).")})
     layer_classifier_use_text: bool = field(default=False, metadata={"help": (
         "The layer classifier also sees the mean embedding of the text instruction (not the answer).")})
     layer_classifier_hidden_size: int = field(default=128, metadata={"help": "Hidden width of the layer classifier MLP."})
-    layer_lm_loss_from: str = field(default="best", metadata={"help": (
-        "Which tried layers supply the LM loss in adaptive training: best (the lowest-loss one, chosen with the "
-        "answer in view), classifier (the classifier's own top choice, as at inference) or all (the mean over the "
-        "k tried layers, one forward-backward of k x batch rows); the lowest-loss layer is always the classifier's "
-        "target. With best the LM can learn a different answer per layer that the classifier cannot pick at "
-        "inference: see the README's adaptive benchmark before choosing.")})
+    layer_lm_loss_from: str = field(default="classifier", metadata={"help": (
+        "Which tried layers supply the LM loss in adaptive training: classifier (the classifier's own top choice, "
+        "as at inference), all (the mean over the k tried layers, one forward-backward of k x batch rows) or best "
+        "(the lowest-loss one, chosen with the answer in view; it collapses on the built-in benchmark, as the LM "
+        "learns a different answer per layer that the classifier cannot pick at inference: see the README). "
+        "The lowest-loss layer is always the classifier's target.")})
 
     def __post_init__(self):
         check_moe_arguments(self)

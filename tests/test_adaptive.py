@@ -62,7 +62,7 @@ def _token_counts(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def test_min_loss_target_equals_brute_force_over_all_layers():
-    model = _adaptive().train()
+    model = _adaptive(layer_lm_loss_from="best").train()
     ids, mask, labels, pixels = _batch()
     out = model(ids, mask, pixels, labels)
     layers = model.layer_selector.candidate_layers
@@ -83,7 +83,7 @@ def test_min_loss_target_equals_brute_force_over_all_layers():
 
 @torch.no_grad()
 def test_top_k_tries_the_classifier_top_k_and_picks_the_best_of_them():
-    model = _adaptive(top_k_layers=2).train()
+    model = _adaptive(top_k_layers=2, layer_lm_loss_from="best").train()
     ids, mask, labels, pixels = _batch()
     selector = model.layer_selector
     logits = _classifier_logits(model, ids, mask, labels, pixels)
@@ -98,7 +98,7 @@ def test_top_k_tries_the_classifier_top_k_and_picks_the_best_of_them():
     torch.testing.assert_close(out.losses["layer_cls"], torch.nn.functional.cross_entropy(logits, target))
 
 
-@pytest.mark.parametrize("lm_loss_from", ["best", "all"])
+@pytest.mark.parametrize("lm_loss_from", ["classifier", "best", "all"])
 def test_classifier_gets_gradients_only_from_its_own_loss(lm_loss_from):
     model = _adaptive(top_k_layers=3, layer_lm_loss_from=lm_loss_from).train()
     ids, mask, labels, pixels = _batch()
@@ -292,7 +292,7 @@ def test_bad_adaptive_arguments_are_errors_naming_the_flag():
                              text_dim=8)
 
 
-@pytest.mark.parametrize("lm_loss_from", ["best", "all"])
+@pytest.mark.parametrize("lm_loss_from", ["classifier", "best", "all"])
 def test_adaptive_composes_with_in_llm_pruning_and_refuses_cls_attention(lm_loss_from):
     from sparsevl.model.pruning import build_pruning_plan
 
@@ -309,8 +309,8 @@ def test_adaptive_composes_with_in_llm_pruning_and_refuses_cls_attention(lm_loss
 
 
 @torch.no_grad()
-def test_lm_loss_from_classifier_trains_its_top_choice_and_targets_the_best():
-    model = _adaptive(layer_lm_loss_from="classifier").train()
+def test_by_default_the_lm_trains_on_the_classifier_top_choice_and_the_classifier_on_the_best():
+    model = _adaptive().train()
     model.layer_selector.classifier.mlp[-1].weight.mul_(50.0)  # let images pick different layers
     ids, mask, labels, pixels = _batch()
     selector = model.layer_selector
@@ -396,3 +396,21 @@ def test_expert_stats_paused_restores_tracking():
     assert int(layer.expert_token_counts.sum()) == 0 and layer.track_stats
     layer(x)
     assert int(layer.expert_token_counts.sum()) == 10
+
+
+@pytest.mark.slow
+def test_selection_learns_to_send_each_image_to_the_layer_that_holds_its_answer():
+    """benchmarks/adaptive_specialised.py's made-up tower shows the answer at layer 1 for kind-0 images and at
+    layer 2 for kind-1 images only. Adaptive training must learn that routing and answer both kinds, while the same
+    model forced to one layer answers only that layer's kind."""
+    from benchmarks.adaptive_specialised import build_variant, evaluate_variant, train_variant
+
+    model = build_variant("classifier", seed=0)
+    train_variant(model, steps=100, seed=0)
+    adaptive = evaluate_variant(model, num_questions=400)
+    assert adaptive["kind 0 layers"][1] > 0.9 and adaptive["kind 1 layers"][2] > 0.9, adaptive
+    assert adaptive["overall"] > 0.95, adaptive
+    selector = model.layer_selector
+    with selector.forced(selector.candidate_layers.index(1)):
+        layer_1 = evaluate_variant(model, num_questions=400)
+    assert layer_1["kind 0"] > 0.95 and layer_1["kind 1"] < 0.7, layer_1

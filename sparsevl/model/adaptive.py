@@ -2,11 +2,15 @@
 
 The vision tower runs once and returns every layer's hidden states. In training the classifier's top-k layers
 (or k uniformly random ones while exploring) are scored in one projector + LLM call of k x batch rows without
-autograd; per sample, the layer with the lowest LM loss is the classifier's cross-entropy target (`layer_cls`)
-and is run once more, with autograd, to supply the LM loss that trains the rest. A step thus costs k forward
-passes plus one forward-backward instead of k forward-backwards. Inference uses the classifier's argmax.
-With `lm_loss_from="all"` every tried layer trains the LM instead: the k x batch rows run once, with autograd, and
-their per-sample losses pick the classifier's target, so no layer can specialise in answers the others miss.
+autograd; per sample, the layer with the lowest LM loss is the classifier's cross-entropy target (`layer_cls`).
+`lm_loss_from` says which layer's LM loss trains the rest:
+- "classifier" (default): the classifier's top choice, the layer inference will use; run once more with autograd,
+  so a step costs k forward passes plus one forward-backward instead of k forward-backwards.
+- "best": each sample's lowest-loss layer, run the same way. Picked with the answer in view, it rewards an LM that
+  answers differently from each layer (one of them right), which the classifier cannot undo at inference.
+- "all": every tried layer; the k x batch rows run once, with autograd, and their per-sample losses pick the
+  classifier's target, so no layer can specialise in answers the others miss.
+Inference uses the classifier's argmax.
 The classifier reads detached inputs and the top-k choice is not differentiable, so `layer_cls` trains only the
 classifier and the LM loss never reaches it.
 
@@ -85,13 +89,13 @@ class AdaptiveLayerSelector(nn.Module):
     """
 
     def __init__(self, *, classifier: LayerClassifier, candidate_layers: list[int], num_vision_layers: int,
-                 top_k: int, use_text: bool, lm_loss_from: str = "best"):
+                 top_k: int, use_text: bool, lm_loss_from: str = "classifier"):
         super().__init__()
         self.classifier = classifier
         self.candidate_layers = list(candidate_layers)  # hidden-state indices 0..num_vision_layers
         self.num_vision_layers = num_vision_layers
         self.use_text = use_text
-        self.lm_loss_from = lm_loss_from  # which tried layers train the rest: "best", "classifier" (top-1) or "all"
+        self.lm_loss_from = lm_loss_from  # which tried layers train the rest: "classifier" (top-1), "best" or "all"
         self.top_k = check_top_k(top_k, self.candidate_layers)
         self.exploration_rate = 0.0  # share of images that try random layers; set by the training callback
         self.forced_position: int | None = None  # inference on this candidate for every image (see `forced`)

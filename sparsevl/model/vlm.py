@@ -50,7 +50,7 @@ class SparseVLM(nn.Module):
     With a `pruning` plan set, visual tokens are dropped (before the LLM for cls_attention, else between
     decoder layers by our own decoder loop); without one the LLM's own forward runs. With a `layer_selector`
     (sparsevl.model.adaptive) each image's vision layer is chosen per image instead of the tower's fixed
-    `select_layer`; in training the selector also prepares the inputs of each sample's best layer.
+    `select_layer`; in training the selector also prepares the inputs of the layer(s) the LM trains on.
     """
 
     def __init__(self, *, vision_tower: VisionTower, projector: nn.Module, llm: PreTrainedModel, image_token_id: int,
