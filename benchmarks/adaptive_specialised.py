@@ -36,8 +36,9 @@ CLASSIFIER_LOSS_WEIGHT = 0.1
 class LayerSpecialisedTower(VisionTower):
     """Hidden states made up from two bits per image, read from its pixels: kind = pixels[0, 0, 0] > 0 and
     answer = pixels[1, 0, 0] > 0. Every token of layer l is kind_sign * v (unless `shows_kind` is False) + noise,
-    plus answer_sign * u at the kind's informative layer. (A random bit in place of the answer elsewhere would leak: the classifier, which
-    reads every layer, could pick a layer whose random bit happens to match the answer it sees at another.)"""
+    plus answer_sign * u at the kind's informative layer. (A random bit in place of the answer elsewhere would
+    leak: the classifier, which reads every layer, could pick a layer whose random bit happens to match the answer
+    it sees at another.)"""
 
     def __init__(self, encoder, select_layer: int, *, shows_kind: bool = True, noise: float = 0.3, seed: int = 0):
         super().__init__(encoder=encoder, select_layer=select_layer)
@@ -50,11 +51,11 @@ class LayerSpecialisedTower(VisionTower):
         kind, answer = (pixel_values[:, 0, 0, 0] > 0).long(), (pixel_values[:, 1, 0, 0] > 0).long()
         num_tokens = self.num_patches + int(self.has_cls_token)
         answer_dir, kind_dir = self.directions
+        kind_sign = 2 * kind - 1 if self.shows_kind else torch.zeros_like(kind)
         states = []
         for layer in range(self.config.num_hidden_layers + 1):
             shows_answer = torch.tensor([INFORMATIVE_LAYER[k] == layer for k in (0, 1)])[kind]  # (images,)
             answer_sign = torch.where(shows_answer, 2 * answer - 1, 0)
-            kind_sign = 2 * kind - 1 if self.shows_kind else torch.zeros_like(kind)
             signal = kind_sign[:, None] * kind_dir + answer_sign[:, None] * answer_dir  # (images, dim)
             noise = self.noise * torch.randn(len(kind), num_tokens, self.hidden_size)
             states.append(signal[:, None, :] + noise)
