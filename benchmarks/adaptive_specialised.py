@@ -23,6 +23,7 @@ from sparsevl.config import LM_LOSS_SOURCES, ModelArguments
 from sparsevl.model.build import build_model
 from sparsevl.model.vision import VisionTower
 from sparsevl.model.vlm import IGNORE_INDEX, SparseVLM
+from sparsevl.train.trainer import weighted_total
 
 VOCAB_SIZE, IMAGE_TOKEN_ID, EOS_ID = 64, 63, 1
 PROMPT = (5, IMAGE_TOKEN_ID, 6, 7)  # the answer token follows, then EOS
@@ -30,7 +31,7 @@ KIND_WORD = (6, 8)  # with the kind in the text: PROMPT[2] per image kind
 ANSWER_IDS = (10, 11)  # answer bit 0, 1
 INFORMATIVE_LAYER = {0: 1, 1: 2}  # image kind -> the one layer showing its answer
 EXPLORATION_WARMUP = 50  # steps of uniformly random layers before the classifier's choices count
-CLASSIFIER_LOSS_WEIGHT = 0.1
+LOSS_WEIGHTS = {"lm": 1.0, "layer_cls": 0.1}
 
 
 class LayerSpecialisedTower(VisionTower):
@@ -102,9 +103,7 @@ def train_variant(model: SparseVLM, *, steps: int, seed: int, kind_in_text: bool
         if model.layer_selector is not None:
             model.layer_selector.exploration_rate = 1.0 if step < EXPLORATION_WARMUP else 0.0
         ids, mask, pixels, labels, _, _ = make_batch(generator, batch_size, kind_in_text=kind_in_text)
-        losses = model(ids, mask, pixels, labels).losses
-        loss = sum(value for name, value in losses.items() if name != "layer_cls")
-        loss = loss + CLASSIFIER_LOSS_WEIGHT * losses.get("layer_cls", 0.0)
+        loss = weighted_total(model(ids, mask, pixels, labels).losses, LOSS_WEIGHTS)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--answer_tokens", type=int, default=16, help="labelled tokens at the end of each sample")
     parser.add_argument("--top_k", type=int, default=3)
     parser.add_argument("--frozen_vision", action="store_true", help="keep the vision tower frozen (LLaVA finetune)")
-    parser.add_argument("--layer_lm_loss_from", default="classifier", choices=LM_LOSS_SOURCES, help="see `sparsevl train`")
+    parser.add_argument("--layer_lm_loss_from", default="classifier", choices=LM_LOSS_SOURCES,
+                        help="see `sparsevl train`")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--llm", default="mid-llama", help="LLM preset")
     parser.add_argument("--vision", default="mid-clip64", help="vision preset (64 px images)")
