@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sparsevl demo --out runs/demo
 
-test: $(STAMP)
+# Debian packages the tests need (Chromium for the browser test): installed as root or with passwordless sudo,
+# else one line says what to install.
+system-deps:
+	@bash scripts/system_deps.sh
+
+test: system-deps $(STAMP)
 	$(PY) -m pytest -q
 
 clean:

@@ -71,7 +71,7 @@ def assistant(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def browser():
-    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)"
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: `make test` installs it (scripts/system_deps.sh)"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
