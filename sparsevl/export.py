@@ -17,28 +17,50 @@ import torch
 from safetensors.torch import save_file
 
 FORMATS = ("llava-hf", "sparsevl", "qwen3-moe")
+DEFAULT_MAX_NEW_TOKENS = 16  # `sparsevl eval --max_new_tokens`'s default, so that both answer alike
 
 
-def export_llava_hf(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True, atol: float = 1e-5) -> Path:
-    """Write `model_dir` (a sparsevl checkpoint) in the llava-hf layout; with `verify`, reload and compare logits."""
+def export_llava_hf(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True, atol: float = 1e-5,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
+    """Write `model_dir` (a sparsevl checkpoint) as a llava-hf package in the hub layout that vLLM, SGLang and
+    transformers 4 and 5 read: config.json (with `architectures` and the special token ids), model.safetensors,
+    generation_config.json and a `LlavaProcessor` with the chat template. With `verify`, reload and compare logits."""
     from sparsevl.eval.run import load_for_inference
     from sparsevl.model.llava_hf import llava_hf_config, llava_hf_processor, to_llava_hf_state_dict
 
     model, tokenizer, image_processor = load_for_inference(model_dir)
     config = llava_hf_config(model)  # refuses projectors Llava cannot express before anything is written
-    state = to_llava_hf_state_dict(model)
+    state = to_llava_hf_state_dict(model, layout="hub")
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # transformers re-ties it to the input embeddings on load
+        state.pop("language_model.lm_head.weight", None)  # transformers re-ties it to the input embeddings on load
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.text_config.update(special_token_ids(tokenizer))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.dtype = "float32"
     config.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    generation_config(tokenizer, max_new_tokens).save_pretrained(out_dir)
     llava_hf_processor(model, tokenizer, image_processor).save_pretrained(out_dir)
     if verify:
         check_parity(llava_hf_parity(model, out_dir), atol, out_dir, model_dir,
                      why="; this model has parts the Llava layout does not express")
     return out_dir
+
+
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """The tokenizer's bos / eos / pad ids, which an exported config carries so that plain clients stop and pad."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token: exported models would never stop")
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+
+
+def generation_config(tokenizer, max_new_tokens: int):
+    """Greedy decoding up to `max_new_tokens`, stopping at eos: what `sparsevl eval` does with its defaults."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**special_token_ids(tokenizer), max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def check_parity(difference: float, atol: float, out_dir: Path, model_dir, *, why: str = "") -> None:
@@ -74,7 +96,7 @@ def llava_hf_parity(model, hf_dir: str | Path, *, text_length: int = 6) -> float
 
 
 def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True,
-                     atol: float = 1e-4) -> Path:
+                     atol: float = 1e-4, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
     """Write the upcycled LLM of `model_dir` as a Qwen3MoeForCausalLM directory; with `verify`, reload it with
     plain transformers and compare logits. Refuses (NotExportable, a ValueError) what Qwen3-MoE cannot express."""
     from transformers import Qwen3MoeForCausalLM
@@ -85,9 +107,11 @@ def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path, *, verify: bool
     model, tokenizer, _ = load_for_inference(model_dir)
     config = qwen3_moe_config(model.llm)  # refuses before anything is written
     config.dtype = "float32"
+    config.update(special_token_ids(tokenizer))
     hf_model = Qwen3MoeForCausalLM(config)
     hf_model.load_state_dict(to_qwen3_moe_state_dict(model.llm), strict=True)
     out_dir = Path(out_dir)
+    hf_model.generation_config = generation_config(tokenizer, max_new_tokens)
     hf_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if verify:
@@ -135,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="source: a sparsevl checkpoint (--to llava-hf, qwen3-moe) or a "
                                                   "llava-hf directory (--to sparsevl)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="llava-hf, qwen3-moe: the longest answer plain clients generate by default, written to "
+                        "generation_config.json (default %(default)s, as `sparsevl eval`; raise it for chat)")
     p.add_argument("--verify", type=_bool, default=True, help="llava-hf, qwen3-moe: reload with plain "
                                                               "transformers and compare logits on a probe (default true)")
     return p
@@ -150,9 +177,9 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         if args.to == "llava-hf":
-            out = export_llava_hf(args.model, args.out, verify=args.verify)
+            out = export_llava_hf(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens)
         elif args.to == "qwen3-moe":
-            out = export_qwen3_moe(args.model, args.out, verify=args.verify)
+            out = export_qwen3_moe(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens)
         else:
             out = import_llava_hf(args.model, args.out)
     except (ValueError, FileNotFoundError, OSError) as error:

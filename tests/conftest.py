@@ -68,3 +68,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(shapes_dir, shapes_tokenizer, tmp_path_factory):
+    """tiny-qwen3 + tiny-clip trained 150 steps on the shapes fixture: its answers differ by question type, span
+    one or two words and end with eos, so a client that never stops or reads the wrong position is caught."""
+    from tiny import train_flags
+
+    from sparsevl.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("trained_checkpoint")
+    flags = train_flags(shapes_dir, shapes_tokenizer, out, max_steps=150, save_steps=1000, report_to="none")
+    assert cli_main(["train", *flags]) == 0
+    return out

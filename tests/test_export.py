@@ -1,14 +1,17 @@
-"""`sparsevl export`: our checkpoints load in plain transformers with equal logits, and come back unchanged."""
+"""`sparsevl export`: our checkpoints load in plain transformers, answer there as `sparsevl eval` does with the
+clients' default arguments, use the hub layout that vLLM and SGLang read, and come back unchanged."""
 
 import json
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-from transformers import (AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                          SiglipImageProcessorPil)
-from tiny import save_tiny_checkpoint
+from safetensors.torch import load_file, save_file
+from transformers import (AutoProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaProcessor, SiglipImageProcessorPil, pipeline)
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import apply_renamings
+from tiny import make_model, save_tiny_checkpoint
 
 from sparsevl.cli import main as cli_main
 from sparsevl.data.conversation import IMAGE_TOKEN, prompt_ids
@@ -111,28 +114,97 @@ def test_models_llava_cannot_express_are_refused_with_clear_errors(tmp_path, sha
     assert "concatenates several layers" in capsys.readouterr().err
 
 
-def test_import_reads_the_hub_llava_1_5_weight_names(tmp_path):
-    """llava-hf checkpoints on the Hub use older names (language_model.model.*); transformers maps them."""
-    from safetensors.torch import save_file
-    from tiny import make_model
+# --- What plain clients see: the hub layout, the special tokens, answers with default arguments --------------------
 
-    from sparsevl.model.llava_hf import from_llava_hf, to_llava_hf
+def hub_layout_names(config: LlavaConfig) -> set[str]:
+    """The weight names of a published llava-hf checkpoint for `config`, as transformers itself derives them: its
+    own checkpoint conversion mapping for Llava, reversed, applied to a fresh model's in-memory names."""
+    hf_model = LlavaForConditionalGeneration(config)
+    to_checkpoint = [t.reverse_transform() for t in get_model_conversion_mapping(hf_model, add_legacy=False)[::-1]]
+    names = {apply_renamings(name, to_checkpoint) for name in hf_model.state_dict()}
+    return names - ({"language_model.lm_head.weight"} if config.tie_word_embeddings else set())
+
+
+@pytest.mark.parametrize("llm, vision", [("tiny-llama", "tiny-clip"), ("tiny-qwen3", "tiny-siglip")])
+def test_export_writes_the_hub_layout_architectures_and_special_tokens(tmp_path, shapes_tokenizer, llm, vision):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", shapes_tokenizer, model_name_or_path=llm, vision_tower=vision)
+    assert cli_main(["export", "--to", "llava-hf", "--model", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    config = LlavaConfig.from_pretrained(tmp_path / "hf")
+    names = set(load_file(tmp_path / "hf" / "model.safetensors"))
+    assert names == hub_layout_names(config)
+    assert any(name.startswith("vision_tower.vision_model.") for name in names)
+    assert config.architectures == ["LlavaForConditionalGeneration"]
+    tokenizer = AutoProcessor.from_pretrained(tmp_path / "hf").tokenizer
+    ids = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert (config.text_config.eos_token_id, config.text_config.pad_token_id) == ids
+    generation = GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (generation.eos_token_id, generation.pad_token_id, generation.max_new_tokens) == (*ids, 16)
+    assert generation.do_sample is False
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers-5-save", "transformers-5-memory"])
+def test_import_reads_every_llava_hf_weight_layout(tmp_path, layout):
+    """`--to sparsevl` reads the hub layout, what transformers 5's save_pretrained writes, and its in-memory names."""
+    from sparsevl.model.llava_hf import from_llava_hf, to_llava_hf, to_llava_hf_state_dict
 
     ours, _ = make_model("tiny-llama", "tiny-clip")
     hf_model = to_llava_hf(ours)
     hf_model.config.save_pretrained(tmp_path)
-    renames = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")]
-    legacy = {}
-    for name, tensor in hf_model.state_dict().items():
-        for new, old in renames:
-            if name.startswith(new):
-                name = old + name[len(new):]
-                break
-        legacy[name] = tensor.contiguous()
-    assert "language_model.model.embed_tokens.weight" in legacy
-    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    if layout == "hub":
+        state = to_llava_hf_state_dict(ours, layout="hub")
+    elif layout == "transformers-5-save":
+        hf_model.save_pretrained(tmp_path)
+        state = load_file(tmp_path / "model.safetensors")
+        assert "vision_tower.embeddings.class_embedding" in state  # no `vision_model.`: not the hub layout
+    else:
+        state = dict(hf_model.state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
     imported, args = from_llava_hf(str(tmp_path))
     assert (args.mm_vision_select_layer, args.mm_vision_select_feature) == (-2, "patch")
     expected = ours.state_dict()
+    assert expected.keys() == imported.state_dict().keys()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in imported.state_dict().items())
+
+
+def test_round_trip_llava_hf_to_sparsevl_to_llava_hf_is_byte_identical(tmp_path, shapes_tokenizer):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", shapes_tokenizer, model_name_or_path="tiny-qwen3")
+    for command in (["--to", "llava-hf", "--model", ckpt, "--out", tmp_path / "hf"],
+                    ["--to", "sparsevl", "--model", tmp_path / "hf", "--out", tmp_path / "ours"],
+                    ["--to", "llava-hf", "--model", tmp_path / "ours", "--out", tmp_path / "hf2"]):
+        assert cli_main(["export", *map(str, command)]) == 0
+    first, second = (tmp_path / "hf" / "model.safetensors").read_bytes(), (tmp_path / "hf2" / "model.safetensors")
+    assert first == second.read_bytes()
+
+
+def sparsevl_eval_answers(model_dir, data, out) -> list[str]:
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out)]) == 0
+    return [json.loads(line)["prediction"] for line in (out / "answers.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_exported_model_answers_held_out_questions_as_sparsevl_eval_with_default_arguments(
+        tmp_path, shapes_dir, trained_checkpoint):
+    """Plain `generate(**processor(...))` and `pipeline("image-text-to-text")`, no generation arguments: each
+    answer is ours followed by eos and nothing else (special tokens kept in the text, so a client that does not
+    stop at eos shows it: after its answer this model repeats eos, which decoding would otherwise hide)."""
+    ours = sparsevl_eval_answers(trained_checkpoint, shapes_dir / "test_qa.json", tmp_path / "eval")
+    assert len(set(ours)) >= 3 and any(" " in answer for answer in ours)  # varied, some of several tokens
+    assert cli_main(["export", "--to", "llava-hf", "--model", str(trained_checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    hf_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    pipe = pipeline("image-text-to-text", model=str(tmp_path / "hf"))
+    plain, piped = [], []
+    for record in json.loads((shapes_dir / "test_qa.json").read_text()):
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        image = Image.open(shapes_dir / record["image"]).convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                           return_tensors="pt")
+        with torch.no_grad():
+            tokens = hf_model.generate(**inputs)
+        plain.append(processor.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False))
+        messages[0]["content"][0]["image"] = image
+        piped.append(pipe(text=messages, skip_special_tokens=False)[0]["generated_text"][-1]["content"])
+    eos = processor.tokenizer.eos_token
+    assert plain == [answer + eos for answer in ours]
+    assert piped == [answer + eos for answer in ours]

@@ -15,13 +15,22 @@ from sparsevl.model.projectors import DenseProjector
 from sparsevl.model.upcycle import moe_layout
 from sparsevl.model.vlm import SparseVLM
 
-# (our prefix, transformers' prefix), first match wins
+# (our prefix, transformers 5's in-memory prefix), first match wins
 _PREFIXES = [
     ("vision_tower.encoder.", "model.vision_tower."),
     ("projector.net.0.", "model.multi_modal_projector.linear_1."),
     ("projector.net.2.", "model.multi_modal_projector.linear_2."),
     ("llm.model.", "model.language_model."),
     ("llm.lm_head.", "lm_head."),
+]
+# (our prefix, the hub layout's prefix): the names published llava-hf checkpoints use, which vLLM, SGLang and
+# transformers 4 read, and transformers 5 maps onto its in-memory names when loading.
+_HUB_PREFIXES = [
+    ("vision_tower.encoder.", "vision_tower.vision_model."),
+    ("projector.net.0.", "multi_modal_projector.linear_1."),
+    ("projector.net.2.", "multi_modal_projector.linear_2."),
+    ("llm.model.", "language_model.model."),
+    ("llm.lm_head.", "language_model.lm_head."),
 ]
 _VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 
@@ -78,29 +87,29 @@ def llava_hf_config(model: SparseVLM) -> LlavaConfig:
                        image_seq_length=model.num_image_tokens, tie_word_embeddings=llm.config.tie_word_embeddings)
 
 
-def to_llava_hf_state_dict(model: SparseVLM) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in plain_state_dict(model).items():
-        for ours, theirs in _PREFIXES:
-            if name.startswith(ours):
-                state[theirs + name[len(ours):]] = tensor
+def _renamed(state: dict[str, torch.Tensor], prefixes: list[tuple[str, str]], what: str) -> dict[str, torch.Tensor]:
+    """`state` with each name's first matching prefix replaced; a name no prefix matches is an error."""
+    renamed = {}
+    for name, tensor in state.items():
+        for old, new in prefixes:
+            if name.startswith(old):
+                renamed[new + name[len(old):]] = tensor
                 break
         else:
-            raise ValueError(f"weight {name} has no place in the Llava layout")
-    return state
+            raise ValueError(f"weight {name} has no place in {what}")
+    return renamed
+
+
+def to_llava_hf_state_dict(model: SparseVLM, *, layout: str = "transformers") -> dict[str, torch.Tensor]:
+    """Our weights under Llava's names: `transformers` (transformers 5's in-memory names) or `hub` (the layout
+    of published llava-hf checkpoints, which `sparsevl export` writes)."""
+    prefixes = {"transformers": _PREFIXES, "hub": _HUB_PREFIXES}[layout]
+    return _renamed(plain_state_dict(model), prefixes, f"the Llava {layout} layout")
 
 
 def from_llava_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers Llava weight names -> SparseVLM weight names."""
-    ours = {}
-    for name, tensor in state.items():
-        for our_prefix, their_prefix in _PREFIXES:
-            if name.startswith(their_prefix):
-                ours[our_prefix + name[len(their_prefix):]] = tensor
-                break
-        else:
-            raise ValueError(f"Llava weight {name} has no place in a SparseVLM")
-    return ours
+    """transformers 5's in-memory Llava weight names -> SparseVLM weight names."""
+    return _renamed(state, [(theirs, ours) for ours, theirs in _PREFIXES], "a SparseVLM")
 
 
 def to_llava_hf(model: SparseVLM) -> LlavaForConditionalGeneration:
