@@ -208,3 +208,36 @@ def test_exported_model_answers_held_out_questions_as_sparsevl_eval_with_default
     eos = processor.tokenizer.eos_token
     assert plain == [answer + eos for answer in ours]
     assert piped == [answer + eos for answer in ours]
+
+
+@pytest.mark.slow
+def test_qwen3_moe_export_answers_text_questions_as_sparsevl_eval_with_default_arguments(
+        tmp_path, shapes_dir, shapes_tokenizer, trained_checkpoint):
+    """MoE-Tuning's result as transformers' Qwen3MoeForCausalLM: `generate()` with no generation arguments stops
+    at eos after the answer `sparsevl eval` gives (text-only questions: the export holds the LLM alone)."""
+    from tiny import train_flags
+    from transformers import AutoTokenizer, Qwen3MoeForCausalLM
+
+    flags = train_flags(shapes_dir, shapes_tokenizer, tmp_path / "moe", model_name_or_path=trained_checkpoint,
+                        max_steps=2, save_steps=1000, report_to="none")
+    assert cli_main(["train", "--stage", "moe", *flags]) == 0
+    records = json.loads((shapes_dir / "test_qa.json").read_text())
+    for record in records:
+        del record["image"]
+        record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>\n", "")
+    (tmp_path / "text_qa.json").write_text(json.dumps(records))
+    ours = sparsevl_eval_answers(tmp_path / "moe", tmp_path / "text_qa.json", tmp_path / "eval")
+    assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_model = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    theirs = []
+    for record in records:
+        messages = [{"role": "user", "content": record["conversations"][0]["value"]}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        with torch.no_grad():
+            tokens = hf_model.generate(**inputs)
+        theirs.append(tokenizer.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False))
+    stopped = [len(tokenizer(answer, add_special_tokens=False)["input_ids"]) < 16 for answer in ours]
+    assert any(stopped)
+    assert theirs == [answer + tokenizer.eos_token * stop for answer, stop in zip(ours, stopped)]
