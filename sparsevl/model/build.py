@@ -154,8 +154,9 @@ def plain_state_dict(model: SparseVLM) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: SparseVLM, out_dir: str | Path, *, model_args: ModelArguments,
-                    tokenizer=None, image_processor=None) -> Path:
-    """Write config JSON + safetensors (+ tokenizer and image processor) into `out_dir`."""
+                    tokenizer=None, image_processor=None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config JSON + safetensors (+ tokenizer and image processor) into `out_dir`; `state_dict`, when
+    given, is the model's plain state dict already gathered (FSDP)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
@@ -166,7 +167,7 @@ def save_checkpoint(model: SparseVLM, out_dir: str | Path, *, model_args: ModelA
     if layout is not None:
         config["llm_moe"] = layout.to_dict()
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-    save_weights(plain_state_dict(model), out_dir / WEIGHTS_NAME)
+    save_weights(plain_state_dict(model) if state_dict is None else state_dict, out_dir / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if image_processor is not None:
@@ -207,25 +208,27 @@ def assemble_model(model_args: ModelArguments, *, llm_config, vision_config, ima
                      layer_selector=selector)
 
 
-def save_weights(state: dict[str, torch.Tensor], file: str | Path) -> None:
+def save_weights(state: dict[str, torch.Tensor], file: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as safetensors; tied (shared) tensors are stored once and recorded as aliases."""
     unique, aliases = _split_shared(state)
-    save_file({k: v.contiguous() for k, v in unique.items()}, str(file), metadata={"aliases": json.dumps(aliases)})
+    save_file({k: v.contiguous() for k, v in unique.items()}, str(file),
+              metadata={**(metadata or {}), "aliases": json.dumps(aliases)})
 
 
-def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file written by save_checkpoint, restoring tied (aliased) tensors."""
+def load_weights(file: str | Path, *, with_metadata: bool = False):
+    """Read a safetensors file written by save_weights, restoring tied (aliased) tensors
+    (with `with_metadata`: also its string metadata)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
-            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+            metadata = handle.metadata() or {}
         state = load_file(str(file))
     except SafetensorError as error:
         raise ValueError(f"{file} is not a readable safetensors file: {error}") from None
-    for alias, original in aliases.items():
+    for alias, original in json.loads(metadata.get("aliases", "{}")).items():
         state[alias] = state[original]
-    return state
+    return (state, metadata) if with_metadata else state
 
 
 def _split_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

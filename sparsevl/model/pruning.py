@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 PRUNERS = ("none", "sparsevlm", "fastv", "random", "cls_attention")
 FASTV_DEFAULT_K, FASTV_DEFAULT_RATIO = 2, 0.5
@@ -183,7 +184,7 @@ def attention_rows(layer, hidden: torch.Tensor, positions: torch.Tensor, rows: t
     Computed from the layer's own input norm, q/k projections (with q/k norms where the model has them) and
     rotary embedding: the same numbers its eager attention would produce. Returns (batch, heads, R, seq).
     """
-    attn, (batch, seq, dim) = layer.self_attn, hidden.shape
+    attn, (batch, seq, dim) = unsharded(layer).self_attn, hidden.shape
     normed = layer.input_layernorm(hidden)  # (batch, seq, dim)
     cos, sin = rotary(hidden, position_ids=positions)  # (batch, seq, head_dim)
     row_cos, row_sin = (t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
@@ -196,6 +197,14 @@ def attention_rows(layer, hidden: torch.Tensor, positions: torch.Tensor, rows: t
     logits = query @ key.transpose(-1, -2) * attn.scaling  # (batch, heads, R, seq)
     allowed = key_valid[:, None, :] & (torch.arange(seq, device=rows.device) <= rows[..., None])  # (batch, R, seq)
     return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+
+
+def unsharded(layer: torch.nn.Module) -> torch.nn.Module:
+    """The layer with whole weights: an FSDP2-sharded layer all-gathers them (its next forward or backward
+    reshards them); any other layer is returned as is."""
+    if isinstance(layer, FSDPModule):
+        layer.unshard()
+    return layer
 
 
 def _heads(x: torch.Tensor, attn, norm_name: str) -> torch.Tensor:
@@ -311,7 +320,7 @@ def cls_attention_patches(vision_tower, hidden_states: tuple[torch.Tensor, ...],
     produced_by = vision_tower.select_layer % (len(layers) + 1)  # hidden_states[j] is layer j-1's output
     if produced_by == 0:
         raise ValueError("--token_pruner cls_attention needs --mm_vision_select_layer after at least one layer")
-    layer = layers[produced_by - 1]
+    layer = unsharded(layers[produced_by - 1])
     attn, normed = layer.self_attn, layer.layer_norm1(hidden_states[produced_by - 1])  # (images, 1 + patches, dim)
     images, tokens, _ = normed.shape
     query = attn.q_proj(normed[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)

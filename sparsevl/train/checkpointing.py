@@ -6,6 +6,7 @@ It is written under `.staging-checkpoint-<step>` and renamed when every file is 
 during a save leaves a staging folder that nothing reads, and every `checkpoint-<step>` is complete.
 """
 
+import json
 import logging
 import os
 import re
@@ -23,13 +24,28 @@ STAGING_PREFIX = ".staging-"
 RESUME_WEIGHTS_NAME = "resume_weights.safetensors"
 TRAINER_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 RESUME_LATEST = "latest"
+# Sharded (FSDP) step checkpoints: one safetensors file per process, named in the index, instead of optimizer.pt.
+SHARD_INDEX_NAME = "fsdp_shards.json"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    return f"fsdp-shard-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def missing_files(checkpoint: str | Path) -> list[str]:
     """The files a resumable step checkpoint needs but `checkpoint` lacks (empty when complete)."""
     checkpoint = Path(checkpoint)
-    return [name for name in (CONFIG_NAME, WEIGHTS_NAME, *TRAINER_FILES) if not (checkpoint / name).is_file()]
+    needed = [CONFIG_NAME, WEIGHTS_NAME, *TRAINER_FILES]
+    if (checkpoint / "rng_state_0.pth").is_file():  # several processes: one RNG state each
+        needed.remove("rng_state.pth")
+    index = checkpoint / SHARD_INDEX_NAME
+    if index.is_file():  # a sharded checkpoint: every process's shard and RNG state replace optimizer.pt
+        world_size = json.loads(index.read_text())["world_size"]
+        needed = [name for name in needed if name not in ("optimizer.pt", "rng_state.pth")]
+        needed += [shard_file_name(r, world_size) for r in range(world_size)]
+        needed += [f"rng_state_{r}.pth" for r in range(world_size)]
+    return [name for name in needed if not (checkpoint / name).is_file()]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -24,6 +24,11 @@ def main(argv: list[str]) -> int:
         HfArgumentParser(ARGUMENT_CLASSES).print_help()
         return 0
     use_cpu_processes_without_gpu(os.environ)
+    from sparsevl.train.sharding import fsdp_flags_from_launcher
+
+    launcher_flags = fsdp_flags_from_launcher(os.environ)
+    if "--fsdp" not in argv:  # flags given by hand win over the launcher's config
+        argv = [*argv, *launcher_flags]
     model_args, data_args, training_args = parse_train_args(argv)
     from sparsevl.train.guard import TooManyBadSteps
     from sparsevl.train.run import train

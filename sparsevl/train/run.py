@@ -21,6 +21,7 @@ from sparsevl.train.distill import make_teacher
 from sparsevl.train.expert_usage import ExpertUsageCallback
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.layer_stats import layer_selection_callbacks
+from sparsevl.train.sharding import check_fsdp_config, consolidated_state_dict, is_sharded, shard_model
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
         print("teacher (frozen, no pruning): " + describe_parameters(teacher, "frozen"), flush=True)
     mode = configure_trainable(model, model_args)
     print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
+    if training_args.fsdp:
+        reshard_after_forward = check_fsdp_config(training_args.fsdp_config or {})
+        for module in (model, teacher) if teacher is not None else (model,):
+            shard_model(module, device_type=training_args.device.type, reshard_after_forward=reshard_after_forward)
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
@@ -118,9 +123,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
             f"training stopped at step {trainer.state.global_step}: {guard.consecutive} consecutive steps had a "
             f"non-finite loss or gradient (--max_bad_steps {guard.max_bad_steps}); last: {guard.bad_steps[-1]}. "
             f"The last good checkpoint is {latest_checkpoint(out_dir)}; no final model was written.")
+    state = consolidated_state_dict(model) if is_sharded(model) else None  # FSDP: every process gathers
     with whole_parameters(model):  # under DeepSpeed ZeRO-3 every process joins the gather; rank 0 writes
         if trainer.is_world_process_zero():
-            save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
+            save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor,
+                            state_dict=state)
     if trainer.is_world_process_zero():
         config = resolved_config(model_args, data_args, training_args)
         config["skipped_records"] = dataset.skipped

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from sparsevl.model.build import save_checkpoint
@@ -16,6 +17,8 @@ from sparsevl.model.vlm import IGNORE_INDEX
 from sparsevl.train.checkpointing import STAGING_PREFIX, load_resume_weights, publish, save_resume_weights
 from sparsevl.train.distill import alignment_loss
 from sparsevl.train.guard import NonFiniteGuard
+from sparsevl.train.sharding import (consolidated_state_dict, is_sharded, load_model_shard, load_optimizer_shard,
+                                     save_shard)
 
 BEST_DIR = "best-checkpoint"
 
@@ -58,7 +61,13 @@ class SparseVLTrainer(Trainer):
                  guard: NonFiniteGuard | None = None, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weights = loss_weights
-        self.teacher = teacher.to(self.args.device) if teacher is not None else None  # sparse_distill only
+        self.sharded = is_sharded(self.model)
+        # A model sharded by sparsevl (FSDP2) owns its placement and gradient reduction: Trainer's path for models
+        # sharded before it (no DDP wrap, no second sharding, unsharded trainable parameters kept in sync).
+        self.is_distributed_loading_by_transformers = self.sharded
+        if teacher is not None and not is_sharded(teacher):
+            teacher = teacher.to(self.args.device)
+        self.teacher = teacher  # sparse_distill only
         self.model_args = model_args
         self.image_processor = image_processor
         self.guard = guard
@@ -79,6 +88,8 @@ class SparseVLTrainer(Trainer):
             outputs = model(**inputs, return_hidden_states=True)
             with torch.no_grad():
                 target = self.teacher(**inputs, return_hidden_states=True).last_hidden_state
+            if is_sharded(self.teacher):  # no backward will reshard the frozen teacher's root
+                self.teacher.reshard()
             outputs.losses["align"] = alignment_loss(outputs.last_hidden_state, outputs.kept_index,
                                                      outputs.kept_mask, target)
         losses = outputs.losses
@@ -135,11 +146,13 @@ class SparseVLTrainer(Trainer):
         (in plain data parallel runs and under DeepSpeed): under ZeRO-3 all of them first join the gather
         of the partitioned weights."""
         output_dir = output_dir or self.args.output_dir
+        state = consolidated_state_dict(self.model) if self.sharded else None  # FSDP: every process gathers
         with whole_parameters(self.model):
             if self.args.should_save:
                 save_checkpoint(self.model, output_dir, model_args=self.model_args, tokenizer=self.processing_class,
-                                image_processor=self.image_processor)
-                save_resume_weights(self.model, output_dir)
+                                image_processor=self.image_processor, state_dict=state)
+                if not self.sharded:  # a sharded run resumes from its shard files
+                    save_resume_weights(self.model, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the step checkpoint under a staging folder, rename it into place, then rotate old ones."""
@@ -167,7 +180,34 @@ class SparseVLTrainer(Trainer):
         return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_resume_weights(model if model is not None else self.model, resume_from_checkpoint)
+        model = model if model is not None else self.model
+        if self.sharded:
+            load_model_shard(model, resume_from_checkpoint)
+        else:
+            load_resume_weights(model, resume_from_checkpoint)
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        if is_sharded(self.model):  # sharded already: Accelerate's own FSDP plugin must not shard it again
+            kwargs["fsdp_plugin"] = None
+        return super()._build_accelerator_args(**kwargs)
+
+    def _move_model_to_device(self, model, device) -> None:
+        if not is_sharded(model):  # FSDP placed the shards on the mesh's device
+            super()._move_model_to_device(model, device)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """A sharded run: each process writes its shard of the weights and optimizer state; rank 0 the scheduler."""
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_shard(self.model, self.optimizer, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_optimizer_shard(self.model, self.optimizer, checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
 
 def whole_parameters(model: torch.nn.Module):
