@@ -20,6 +20,7 @@ from sparsevl.cli import main as cli_main
 from sparsevl.config import parse_train_args
 from sparsevl.train.checkpointing import SHARD_INDEX_NAME, latest_checkpoint
 from sparsevl.train.run import train
+from sparsevl.train.sharding import check_fsdp_config, fsdp_flags_from_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4  # measured: see the README section "More than one machine"
@@ -38,11 +39,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: str, *args: str, log: Path, pause: str = "") -> subprocess.Popen:
-    """Two CPU processes of `script` in a new session (so a test can SIGKILL the whole group)."""
+def torchrun(script: str, *args: str, log: Path, pause: str = "", accelerate_config: str = "") -> subprocess.Popen:
+    """Two CPU processes of `script` in a new session (so a test can SIGKILL the whole group), started by
+    torchrun or, given `accelerate_config`, by `accelerate launch --config_file`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
            "PAUSE": pause, "MARKER": str(log) + ".paused"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    launcher = (["accelerate.commands.launch", "--config_file", str(ROOT / accelerate_config)] if accelerate_config
+                else ["torch.distributed.run", "--nproc_per_node", "2"])
+    command = [sys.executable, "-m", *launcher, "--main_process_port" if accelerate_config else "--master_port",
                str(free_port()), str(ROOT / "tests" / script), *args]
     return subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -91,9 +95,11 @@ def stage_runs(shapes_dir, tokenizer, checkpoint) -> dict[str, tuple[dict, dict]
 
 
 def kill_at_step_3(root: Path, run_flags: list[str]) -> Path | None:
-    """A sharded run SIGKILLed (launcher and both processes) after step 3; returns its latest checkpoint."""
+    """A run sharded by the accelerate FSDP config (no --fsdp flag), SIGKILLed (launcher and both processes)
+    after step 3; returns its latest checkpoint."""
     log = root / "killed.log"
-    process = torchrun("kill_driver.py", *run_flags, log=log, pause="step:3")
+    process = torchrun("kill_driver.py", *[f for f in run_flags if f != "--fsdp"], log=log, pause="step:3",
+                       accelerate_config="configs/accelerate/fsdp_cpu_2proc.yaml")
     marker, deadline = Path(str(log) + ".paused"), time.monotonic() + 600
     while not marker.exists():
         assert process.poll() is None, log.read_text()[-4000:]
@@ -189,6 +195,7 @@ def test_fsdp_moe_load_table_on_rank_0_counts_both_ranks_tokens(fsdp_runs, shape
 def test_fsdp_resume_after_sigkill_follows_the_unbroken_curve(fsdp_runs):
     out = fsdp_runs["resumed"]
     assert fsdp_runs["latest_after_kill"] == out / "checkpoint-2"  # killed after step 3: checkpoint-4 never came
+    assert (out / "checkpoint-2" / SHARD_INDEX_NAME).is_file()  # the accelerate config sharded the killed run
     assert "resuming from" in fsdp_runs["log"]
     resumed, unbroken = history(out), history(fsdp_runs["full"])
     assert [e["step"] for e in resumed] == [1, 2, 3, 4]  # 1-2 come back with the trainer state, 3-4 are new
@@ -196,3 +203,24 @@ def test_fsdp_resume_after_sigkill_follows_the_unbroken_curve(fsdp_runs):
         assert [e[key] for e in resumed] == [e[key] for e in unbroken], key  # exact
     final, expected = load_file(out / "model.safetensors"), load_file(fsdp_runs["full"] / "model.safetensors")
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_accelerate_fsdp_config_becomes_fsdp_flags_and_unsupported_settings_are_refused():
+    environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+               "FSDP_OFFLOAD_PARAMS": "false", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}
+    flags_out = fsdp_flags_from_launcher(environ)
+    assert "ACCELERATE_USE_FSDP" not in environ  # Accelerate must not shard a second time
+    assert flags_out[:2] == ["--fsdp", "--fsdp_config"]
+    config = json.loads(flags_out[2])
+    assert config == {"version": "2", "reshard_after_forward": "false", "state_dict_type": "SHARDED_STATE_DICT"}
+    assert check_fsdp_config(config) is False  # reshard_after_forward false: SHARD_GRAD_OP
+    assert fsdp_flags_from_launcher({"FSDP_VERSION": "2"}) == []  # not an FSDP launch
+    for key, value in [("version", 1), ("cpu_offload", True), ("transformer_layer_cls_to_wrap", ["LlamaDecoderLayer"]),
+                       ("state_dict_type", "FULL_STATE_DICT"), ("activation_checkpointing", True)]:
+        with pytest.raises(ValueError, match=f"--fsdp_config {key}="):
+            check_fsdp_config({"version": 2, key: value})
+
+
+def test_fsdp_in_one_process_is_an_error_naming_the_launchers(shapes_dir, shapes_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="--fsdp needs several processes: launch with `torchrun"):
+        train(*parse_train_args([*flags(shapes_dir, shapes_tokenizer, tmp_path / "run"), "--fsdp"]))
