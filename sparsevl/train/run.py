@@ -23,6 +23,7 @@ from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.layer_stats import layer_selection_callbacks
 from sparsevl.train.sharding import check_fsdp_config, consolidated_state_dict, is_sharded, shard_model
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
+from sparsevl.train.zero import check_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
         print("teacher (frozen, no pruning): " + describe_parameters(teacher, "frozen"), flush=True)
     mode = configure_trainable(model, model_args)
     print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
+    check_deepspeed(training_args, model)
     if training_args.fsdp:
         reshard_after_forward = check_fsdp_config(training_args.fsdp_config or {})
         for module in (model, teacher) if teacher is not None else (model,):
