@@ -34,5 +34,5 @@ run $PY -m sparsevl train "${TRAIN[@]}" --output_dir "$OUT/train_1"
 if [ "$DEVICES" -gt 1 ]; then
   run torchrun --nproc_per_node "$DEVICES" -m sparsevl train "${TRAIN[@]}" --fsdp --output_dir "$OUT/train_$DEVICES"
 fi
-run $PY -m benchmarks.pruning_prefill --visual 576 --kept 64 --layer 2
+run $PY -m benchmarks.pruning_prefill --visual 576 --kept 64 --layer 2 --device cuda --dtype bfloat16
 run $PY -m benchmarks.gpu_smoke_report --visual_tokens 576 "$OUT/train_1" $( [ "$DEVICES" -gt 1 ] && echo "$OUT/train_$DEVICES")

@@ -22,16 +22,22 @@ from sparsevl.model.pruning import PruningContext, PruningPlan, PruningStep, pre
 VOCAB = 4096
 
 
-def build_inputs(llm, *, num_visual: int, num_text: int, text_before: int = 5):
+def build_inputs(llm, *, num_visual: int, num_text: int, text_before: int = 5, device: str = "cpu"):
     """(embeds, mask, positions, context) of one sample: a few text tokens, the image, then the instruction."""
     seq = num_visual + num_text
-    embeds = torch.randn(1, seq, llm.config.hidden_size) * 0.02
+    embeds = (torch.randn(1, seq, llm.config.hidden_size) * 0.02).to(device, llm.dtype)
     image = torch.zeros(1, seq, dtype=torch.bool)
     image[0, text_before:text_before + num_visual] = True
     raters = ~image
     raters[0, :text_before] = False
-    context = PruningContext(image, raters, torch.ones(1, dtype=torch.long))
-    return embeds, torch.ones(1, seq, dtype=torch.long), torch.arange(seq)[None], context
+    context = PruningContext(image.to(device), raters.to(device), torch.ones(1, dtype=torch.long, device=device))
+    return embeds, torch.ones(1, seq, dtype=torch.long, device=device), torch.arange(seq, device=device)[None], context
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock timings cover it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def interleaved_medians(functions, *, repeats: int) -> list[float]:
@@ -41,8 +47,10 @@ def interleaved_medians(functions, *, repeats: int) -> list[float]:
     times = [[] for _ in functions]
     for _ in range(repeats):
         for function, bucket in zip(functions, times):
+            synchronize()
             start = time.perf_counter()
             function()
+            synchronize()
             bucket.append(time.perf_counter() - start)
     return [statistics.median(bucket) for bucket in times]
 
@@ -53,6 +61,7 @@ def decode_tokens_per_second(llm, prefill, mask, positions, steps: int) -> float
         out = prefill()
         past, position, step_mask = out.past, positions[:, -1:], mask
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize()
         start = time.perf_counter()
         for _ in range(steps):
             step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
@@ -60,6 +69,7 @@ def decode_tokens_per_second(llm, prefill, mask, positions, steps: int) -> float
             step = decoder_forward(llm, llm.get_input_embeddings()(token), step_mask, position, past=past,
                                    use_cache=True)
             past, token = step.past, step.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize()
         return steps / (time.perf_counter() - start)
     return sorted(run() for _ in range(3))[1]
 
@@ -72,10 +82,14 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=2, help="prune before this layer")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--decode_steps", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(llm_preset_config("mid-qwen3", vocab_size=VOCAB)).eval()
-    embeds, mask, positions, context = build_inputs(llm, num_visual=args.visual, num_text=args.text)
+    llm = llm.to(args.device, getattr(torch, args.dtype))
+    embeds, mask, positions, context = build_inputs(llm, num_visual=args.visual, num_text=args.text,
+                                                    device=args.device)
     plan = PruningPlan("sparsevlm", (PruningStep(args.layer, args.kept),))
 
     def prefill(with_plan):

@@ -3,6 +3,7 @@
 import json
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,16 @@ def test_gpu_smoke_dry_run_prints_1_and_n_device_bf16_runs_whose_flags_parse(tmp
     assert ["torchrun", "--nproc_per_node", "4"] == commands[3][:3]
     data = next(c for c in commands if "data" in c)
     build_parser().parse_args(data[data.index("data") + 1:])
-    assert any(c[:3] == ["python", "-m", "benchmarks.pruning_prefill"] and "576" in c for c in commands)
+    prefill = next(c for c in commands if c[:3] == ["python", "-m", "benchmarks.pruning_prefill"])
+    assert prefill[3:] == ["--visual", "576", "--kept", "64", "--layer", "2", "--device", "cuda", "--dtype", "bfloat16"]
+
+
+def test_pruning_prefill_runs_with_the_device_and_dtype_flags_it_is_given():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.pruning_prefill", "--visual", "16", "--text", "8",
+                             "--kept", "4", "--repeats", "1", "--decode_steps", "2", "--device", "cpu", "--dtype",
+                             "float32"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "16 visual + 8 text tokens; keep 4 before layer 2" in result.stdout
 
 
 def test_gpu_smoke_dry_run_refuses_unknown_arguments():
