@@ -9,6 +9,7 @@ from tiny import IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, r
 
 from sparsevl.cli import main as cli_main
 from sparsevl.model.build import configure_trainable
+from sparsevl.model.moe import MoELayer
 from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.model.vlm import IGNORE_INDEX
 from sparsevl.train.distill import alignment_loss, make_teacher
@@ -54,11 +55,17 @@ def _step(model, batch, teacher=None) -> tuple[torch.Tensor, dict[str, torch.Ten
     return total.detach(), grads, saved.bytes
 
 
+def _expert_counts(model) -> list[list[int]]:
+    return [layer.expert_token_counts.tolist() for layer in model.modules() if isinstance(layer, MoELayer)]
+
+
 def _compare(model, teacher=None):
     batch = _batch()
     loss, grads, saved = _step(model, batch, teacher)
+    counts = _expert_counts(model)
     model.gradient_checkpointing_enable(every_n_layers=1)  # the keywords transformers' Trainer passes
     loss_ckpt, grads_ckpt, saved_ckpt = _step(model, batch, teacher)
+    assert _expert_counts(model) == [[2 * n for n in layer] for layer in counts]  # a recompute is not counted
     assert grads and grads.keys() == grads_ckpt.keys()
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
