@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, C
 from sparsevl.config import ModelArguments
 from sparsevl.model import presets
 from sparsevl.model.adaptive import build_layer_selector
+from sparsevl.model.moe import MoELayer
 from sparsevl.model.projectors import build_projector
 from sparsevl.model.upcycle import MoELayout, apply_moe_arguments, moe_layout, train_only_moe_layers, upcycle_llm
 from sparsevl.model.vision import VisionTower, vision_encoder_class
@@ -133,6 +134,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def count_activated_parameters(model: nn.Module) -> int:
+    """Parameters one token runs through: all of them less, in each MoE layer, the experts its top-k router
+    leaves out ((num_experts - top_k) / num_experts of the expert weights)."""
+    activated = sum(p.numel() for p in model.parameters())
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            unused = layer.router.num_experts - layer.router.top_k
+            activated -= expert_params * unused // layer.router.num_experts
+    return activated
 
 
 def plain_state_dict(model: SparseVLM) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 import json
 import logging
 import pickle
-from dataclasses import fields
 from pathlib import Path
 
 from transformers import AutoImageProcessor, set_seed
@@ -12,25 +11,19 @@ from sparsevl.config import DataArguments, ModelArguments, SparseVLTrainingArgum
 from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.adaptive import attach_layer_selector
-from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_parameters,
-                                  is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_activated_parameters,
+                                  count_parameters, is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.checkpoint_flags import apply_checkpoint_flags
 from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.model.upcycle import apply_moe_arguments
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
-from sparsevl.train.distill import make_teacher
+from sparsevl.train.distill import load_teacher, make_teacher
 from sparsevl.train.expert_usage import ExpertUsageCallback
 from sparsevl.train.guard import NonFiniteGuard, TooManyBadSteps
 from sparsevl.train.layer_stats import layer_selection_callbacks
 from sparsevl.train.trainer import BestCheckpointCallback, SparseVLTrainer, whole_parameters
 
 logger = logging.getLogger(__name__)
-
-# Arguments that fix the architecture: a checkpoint's values win over the command line's.
-ARCHITECTURE_FIELDS = ("vision_tower", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
-                       "num_query_tokens", "mm_moe_num_experts", "mm_moe_top_k")
-# An adaptive checkpoint's classifier fixes these too; a fixed-layer checkpoint may start adaptive training.
-ADAPTIVE_ARCHITECTURE_FIELDS = ("use_adaptive_layer_selection", "candidate_layers", "layer_classifier_use_text",
-                                "layer_classifier_hidden_size")
 
 
 def load_model_and_processors(model_args: ModelArguments):
@@ -43,7 +36,7 @@ def load_model_and_processors(model_args: ModelArguments):
     image_token_id = add_image_token(tokenizer)
     if is_checkpoint(source):
         model, saved = load_checkpoint(source)
-        model_args = _with_architecture_of(model_args, saved)
+        model_args = apply_checkpoint_flags(model, saved, model_args, source=source)
         apply_moe_arguments(model.llm, model_args)  # --stage moe upcycles a dense stage-2 checkpoint
         attach_layer_selector(model, model_args)
         image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
@@ -56,13 +49,6 @@ def load_model_and_processors(model_args: ModelArguments):
     return model, tokenizer, image_processor, model_args
 
 
-def _with_architecture_of(current: ModelArguments, saved: ModelArguments) -> ModelArguments:
-    values = {f.name: getattr(current, f.name) for f in fields(ModelArguments)}
-    fixed = ARCHITECTURE_FIELDS + (ADAPTIVE_ARCHITECTURE_FIELDS if saved.use_adaptive_layer_selection else ())
-    values.update({name: getattr(saved, name) for name in fixed})
-    return ModelArguments(**values)
-
-
 def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
     """Weight of every named loss a model may return (the trainer refuses a loss without one)."""
     z_weight = training_args.router_z_loss_weight
@@ -72,9 +58,12 @@ def loss_weights(training_args: SparseVLTrainingArguments) -> dict[str, float]:
 
 
 def describe_parameters(model, mode: str) -> str:
+    """Trainable and total parameters; for a model with MoE layers also the activated ones (per token)."""
     trainable, total = count_parameters(model)
-    return (f"training mode {mode}: trainable params: {trainable:,} || all params: {total:,} || "
+    activated = count_activated_parameters(model)
+    line = (f"training mode {mode}: trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return line + (f" || activated params: {activated:,}" if activated != total else "")
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: SparseVLTrainingArguments) -> Path:
@@ -88,8 +77,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     if training_args.stage == "sparse_distill":
         if not model.prunes_in_llm:  # the alignment maps student tokens to the teacher's by position in the LLM
             raise ValueError("--stage sparse_distill needs an in-LLM --token_pruner (sparsevlm, fastv or random)")
-        teacher = make_teacher(model)
-        print("teacher (frozen, no pruning): " + describe_parameters(teacher, "frozen"), flush=True)
+        teacher_path = training_args.teacher_model_name_or_path
+        teacher = load_teacher(teacher_path, model) if teacher_path else make_teacher(model)
+        print(f"teacher (frozen, no pruning) from {teacher_path or 'the student checkpoint'}: "
+              + describe_parameters(teacher, "frozen"), flush=True)
     mode = configure_trainable(model, model_args)
     print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
