@@ -114,7 +114,15 @@ class DataArguments:
     model_max_length: int = field(default=512, metadata={"help": (
         "Longest sequence in tokens, visual tokens included; longer text is truncated, image tokens never split.")})
     skip_bad_samples: bool = field(default=False, metadata={"help": (
-        "Skip (and count) malformed records instead of stopping with an error.")})
+        "Skip (and count) malformed records instead of stopping with an error. Checks every record before "
+        "training by tokenizing it and decoding its images once (slow for 100,000s of records); without it, "
+        "structure, turns and image files are checked up front and the rest when a record is first read.")})
+    image_cache_mb: float = field(default=0, metadata={"help": (
+        "Keep up to this many MiB of preprocessed images in memory (least recently used dropped first; per "
+        "DataLoader worker). 0: decode every time (records are tokenized and decoded when read).")})
+    image_aspect_ratio: str = field(default="square", metadata={"help": (
+        "square: the image processor's resize and centre crop; pad: LLaVA's, expand each image to a square "
+        "filled with the processor's mean colour first, so nothing is cropped.")})
 
 
 @dataclass
@@ -159,6 +167,9 @@ class SparseVLTrainingArguments(TrainingArguments):
     align_loss_weight: float = field(default=1.0, metadata={"help": (
         "sparse_distill: weight of the MSE between student and teacher last hidden states on retained tokens.")})
 
+    group_by_modality_length: bool = field(default=False, metadata={"help": (
+        "LLaVA's sampler: each batch holds records with images only or text-only records only, of similar "
+        "length (word count); batches are shuffled with --seed, the last batch takes both modalities' remainders.")})
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": (
         "sparse_distill: the frozen, unpruned teacher, a sparsevl checkpoint directory with the student's LLM width, "
         "visual token count and <image> id (default: a copy of the student's starting weights).")})

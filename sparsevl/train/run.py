@@ -66,8 +66,10 @@ def describe_parameters(model, mode: str) -> str:
     return line + (f" || activated params: {activated:,}" if activated != total else "")
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: SparseVLTrainingArguments) -> Path:
-    """Run one training stage; returns the directory of the final checkpoint."""
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: SparseVLTrainingArguments
+                  ) -> tuple[SparseVLTrainer, ModelArguments]:
+    """The model (built or loaded, set to train), the data set and the trainer of one stage; also the model
+    arguments resolved against a loaded checkpoint."""
     if not data_args.data_path:
         raise ValueError("--data_path is required")
     set_seed(training_args.seed)
@@ -86,20 +88,27 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
-                               skip_bad_samples=data_args.skip_bad_samples)
+                               skip_bad_samples=data_args.skip_bad_samples, image_cache_mb=data_args.image_cache_mb,
+                               image_aspect_ratio=data_args.image_aspect_ratio)
     report_skipped(dataset.skipped, data_args.data_path)
-    out_dir = Path(training_args.output_dir)
-    resume = resolve_resume(training_args.resume_from_checkpoint, out_dir)
-    remove_staging_dirs(out_dir)
-    guard = NonFiniteGuard(training_args.max_bad_steps)
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               callbacks=[BestCheckpointCallback(), ExpertUsageCallback(), *layer_selection_callbacks(
                                   model, training_args.layer_exploration_warmup_steps,
                                   training_args.layer_exploration_rate)],
                               loss_weights=loss_weights(training_args),
-                              model_args=model_args, image_processor=image_processor, guard=guard,
-                              teacher=teacher)
+                              model_args=model_args, image_processor=image_processor,
+                              guard=NonFiniteGuard(training_args.max_bad_steps), teacher=teacher)
+    return trainer, model_args
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: SparseVLTrainingArguments) -> Path:
+    """Run one training stage; returns the directory of the final checkpoint."""
+    trainer, model_args = build_trainer(model_args, data_args, training_args)
+    model, guard, tokenizer = trainer.model, trainer.guard, trainer.processing_class
+    out_dir = Path(training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, out_dir)
+    remove_staging_dirs(out_dir)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a file of the checkpoint
@@ -111,10 +120,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
             f"The last good checkpoint is {latest_checkpoint(out_dir)}; no final model was written.")
     with whole_parameters(model):  # under DeepSpeed ZeRO-3 every process joins the gather; rank 0 writes
         if trainer.is_world_process_zero():
-            save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer, image_processor=image_processor)
+            save_checkpoint(model, out_dir, model_args=model_args, tokenizer=tokenizer,
+                            image_processor=trainer.image_processor)
     if trainer.is_world_process_zero():
         config = resolved_config(model_args, data_args, training_args)
-        config["skipped_records"] = dataset.skipped
+        config["skipped_records"] = trainer.train_dataset.skipped
         config["bad_steps"] = guard.bad_steps
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
