@@ -16,6 +16,8 @@ from sparsevl.upstream_flags import translate_upstream_flags
 
 
 LM_LOSS_SOURCES = ("best", "classifier", "all")  # --layer_lm_loss_from
+TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --torch_dtype
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")  # --attn_implementation
 
 
 @dataclass
@@ -27,6 +29,12 @@ class ModelArguments:
         "Vision encoder: a preset (tiny-clip, tiny-clip16, tiny-siglip, mid-clip) or a local CLIP/SigLIP directory.")})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": (
         "Tokenizer directory; default: the checkpoint's own (for presets this flag is required).")})
+    torch_dtype: str = field(default="float32", metadata={"help": (
+        "Weights' dtype when loading: float32 (CPU training), bfloat16, float16, or auto (the LLM checkpoint's own; "
+        "float32 for presets). Vision tower, projector and classifier follow the LLM.")})
+    attn_implementation: str | None = field(default=None, metadata={"help": (
+        "Attention kernel of the LLM and vision tower, passed to transformers: sdpa, flash_attention_2 (needs the "
+        "flash-attn package and a GPU) or eager; default: transformers' choice (sdpa).")})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": (
         "Projector: linear, mlp2x_gelu, qformer, or moe (alias adaptive_moe: top-k of --mm_moe_num_experts "
         "mlp2x_gelu experts).")})
@@ -89,6 +97,11 @@ class ModelArguments:
         "The lowest-loss layer is always the classifier's target.")})
 
     def __post_init__(self):
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"--torch_dtype {self.torch_dtype!r} must be one of {TORCH_DTYPES}")
+        if self.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ValueError(f"--attn_implementation {self.attn_implementation!r} must be one of "
+                             f"{ATTN_IMPLEMENTATIONS}")
         check_moe_arguments(self)
         if self.layer_lm_loss_from not in LM_LOSS_SOURCES:
             raise ValueError(f"--layer_lm_loss_from {self.layer_lm_loss_from!r} must be one of {LM_LOSS_SOURCES}")

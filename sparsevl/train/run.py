@@ -11,8 +11,9 @@ from sparsevl.config import DataArguments, ModelArguments, SparseVLTrainingArgum
 from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.adaptive import attach_layer_selector
-from sparsevl.model.build import (build_image_processor, build_model, configure_trainable, count_activated_parameters,
-                                  count_parameters, is_checkpoint, load_checkpoint, save_checkpoint)
+from sparsevl.model.build import (apply_load_options, build_image_processor, build_model, configure_trainable,
+                                  count_activated_parameters, count_parameters, is_checkpoint, load_checkpoint,
+                                  save_checkpoint)
 from sparsevl.model.checkpoint_flags import apply_checkpoint_flags
 from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.model.upcycle import apply_moe_arguments
@@ -37,6 +38,7 @@ def load_model_and_processors(model_args: ModelArguments):
     if is_checkpoint(source):
         model, saved = load_checkpoint(source)
         model_args = apply_checkpoint_flags(model, saved, model_args, source=source)
+        apply_load_options(model, model_args)
         apply_moe_arguments(model.llm, model_args)  # --stage moe upcycles a dense stage-2 checkpoint
         attach_layer_selector(model, model_args)
         image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
