@@ -35,6 +35,9 @@ class ModelArguments:
     attn_implementation: str | None = field(default=None, metadata={"help": (
         "Attention kernel of the LLM and vision tower, passed to transformers: sdpa, flash_attention_2 (needs the "
         "flash-attn package and a GPU) or eager; default: transformers' choice (sdpa).")})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": (
+        "Projector weights to start from: LLaVA's stage-1 mm_projector.bin (keys model.mm_projector.*; read with "
+        "torch.load(weights_only=True), never unpickling code) or a .safetensors file of the same keys.")})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": (
         "Projector: linear, mlp2x_gelu, qformer, or moe (alias adaptive_moe: top-k of --mm_moe_num_experts "
         "mlp2x_gelu experts).")})

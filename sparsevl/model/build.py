@@ -5,6 +5,7 @@ Checkpoint layout (a directory): `sparsevl_config.json` (model arguments + LLM a
 """
 
 import json
+import pickle
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -50,8 +51,7 @@ def build_llm(name_or_path: str, *, vocab_size: int, dtype: str = "float32",
         llm = AutoModelForCausalLM.from_config(config, **_attention(attn_implementation))
         return llm if dtype in ("float32", "auto") else llm.to(LOAD_DTYPES[dtype])
     directory = _check_local_dir(name_or_path, "--model_name_or_path", presets.llm_preset_names())
-    llm = _from_pretrained_safetensors(AutoModelForCausalLM, directory, dtype=dtype,
-                                       attn_implementation=attn_implementation)
+    llm = load_pretrained(AutoModelForCausalLM, directory, dtype=dtype, attn_implementation=attn_implementation)
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         llm.resize_token_embeddings(vocab_size)
     return llm
@@ -66,8 +66,8 @@ def build_vision_encoder(name_or_path: str, *, dtype: str = "float32", attn_impl
         return encoder if dtype in ("float32", "auto") else encoder.to(LOAD_DTYPES[dtype])
     directory = _check_local_dir(name_or_path, "--vision_tower", presets.vision_preset_names())
     model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
-    return _from_pretrained_safetensors(vision_encoder_class(model_type), directory, dtype=dtype,
-                                        attn_implementation=attn_implementation)
+    return load_pretrained(vision_encoder_class(model_type), directory, dtype=dtype,
+                           attn_implementation=attn_implementation)
 
 
 def _attention(attn_implementation: str | None) -> dict:
@@ -86,6 +86,21 @@ def _from_pretrained_safetensors(model_class, directory: Path, *, dtype: str = "
                          f"{error}") from None
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
         raise ValueError(f"--attn_implementation {attn_implementation}: {error}") from None
+
+
+def load_pretrained(model_class, directory: Path, *, dtype: str = "float32",
+                    attn_implementation: str | None = None) -> nn.Module:
+    """`from_pretrained` of a local directory: safetensors when it has them, else pickled `.bin` weights read with
+    torch.load(weights_only=True) (a pickle that needs more than tensors is refused, never run)."""
+    if any(directory.glob("*.safetensors")) or not any(directory.glob("*.bin")):
+        return _from_pretrained_safetensors(model_class, directory, dtype=dtype,
+                                            attn_implementation=attn_implementation)
+    try:
+        return model_class.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPES[dtype],
+                                           use_safetensors=False, weights_only=True, **_attention(attn_implementation))
+    except (pickle.UnpicklingError, OSError, RuntimeError) as error:
+        raise ValueError(f"{directory}: refused to unpickle its .bin weights (only tensors are read, "
+                         f"weights_only=True): {str(error).splitlines()[0]}") from None
 
 
 def apply_load_options(model: SparseVLM, args: ModelArguments) -> None:

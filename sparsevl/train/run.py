@@ -15,6 +15,7 @@ from sparsevl.model.build import (apply_load_options, build_image_processor, bui
                                   count_activated_parameters, count_parameters, is_checkpoint, load_checkpoint,
                                   save_checkpoint)
 from sparsevl.model.checkpoint_flags import apply_checkpoint_flags
+from sparsevl.model.llava_original import load_projector_adapter
 from sparsevl.model.pruning import build_pruning_plan
 from sparsevl.model.upcycle import apply_moe_arguments
 from sparsevl.train.checkpointing import latest_checkpoint, remove_staging_dirs, resolve_resume
@@ -48,6 +49,9 @@ def load_model_and_processors(model_args: ModelArguments):
     else:
         model = build_model(model_args, vocab_size=len(tokenizer), image_token_id=image_token_id)
         image_processor = build_image_processor(model_args.vision_tower, model.vision_tower.config)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector_adapter(model, model_args.pretrain_mm_mlp_adapter)
+        print(f"projector weights from {model_args.pretrain_mm_mlp_adapter}", flush=True)
     return model, tokenizer, image_processor, model_args
 
 
