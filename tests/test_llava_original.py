@@ -144,3 +144,88 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     torch.save([1, 2], tmp_path / "not_weights.bin")
     with pytest.raises(ValueError, match="does not hold a mapping of names to tensors"):
         read_weights(tmp_path / "not_weights.bin")
+
+
+def write_moe_llava_layout(directory, *, sparse: bool):
+    """MoE-LLaVA's layout (moe_llava_llama config, DeepSpeed MoE keys, image_spatial_proj projector, tower inside)
+    from transformers' Mixtral: Llama attention with every FFN a softmax-top-2-renormalised MoE, i.e. DeepSpeed's
+    top-2 gate without capacity limit or second-expert noise. Returns the Mixtral (the source of the LLM logits)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2)).eval()
+    vision, _ = make_model("tiny-llama", "tiny-clip")
+    directory.mkdir(parents=True)
+    vision.vision_tower.encoder.save_pretrained(directory / "clip")
+    config = {k: v for k, v in mixtral.config.to_dict().items()
+              if k not in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
+                           "router_jitter_noise", "sliding_window", "model_type", "architectures")}
+    moe_layers = [0] if sparse else [0, 1]
+    config.update(model_type="moe_llava_llama", architectures=["MoELLaVALlamaForCausalLM"],
+                  mm_image_tower=str(directory / "clip"), image_projector_type="mlp2x_gelu", mm_hidden_size=128,
+                  mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                  moe={"moe_enable": True, "moe_mode": "custom", "moe_layers_idx": moe_layers, "num_experts": [4] *
+                       len(moe_layers), "top_k_experts": 2, "use_residual": False, "capacity_factor": 1.5,
+                       "eval_capacity_factor": 2.0, "min_capacity": 0, "router_aux_loss_coef": 0.01, "ep_size": 1})
+    (directory / "config.json").write_text(json.dumps(config))
+    state = {f"model.mm_projector.image_spatial_proj.{k[len('net.'):]}": v
+             for k, v in vision.projector.state_dict().items()}
+    state.update({f"model.image_tower.image_tower.{k}": v for k, v in vision.vision_tower.encoder.state_dict().items()})
+    for name, tensor in mixtral.state_dict().items():
+        parts = name.split(".")
+        if ".mlp." not in name:
+            state[name] = tensor.clone()
+            continue
+        layer, ffn = int(parts[2]), f"model.layers.{parts[2]}.mlp."
+        if layer not in moe_layers:  # a dense FFN: expert 0 as the layer's LlamaMLP
+            if name.endswith("experts.gate_up_proj"):
+                gate, up = tensor[0].chunk(2, dim=0)
+                state.update({ffn + "gate_proj.weight": gate.clone(), ffn + "up_proj.weight": up.clone()})
+            elif name.endswith("experts.down_proj"):
+                state[ffn + "down_proj.weight"] = tensor[0].clone()
+            continue
+        experts = ffn + "deepspeed_moe.experts.deepspeed_experts."
+        if name.endswith("mlp.gate.weight"):
+            state[ffn + "deepspeed_moe.gate.wg.weight"] = tensor.clone()
+        for e in range(4):
+            if name.endswith("experts.gate_up_proj"):
+                gate, up = tensor[e].chunk(2, dim=0)
+                state.update({f"{experts}{e}.gate_proj.weight": gate.clone(), f"{experts}{e}.up_proj.weight": up.clone()})
+            elif name.endswith("experts.down_proj"):
+                state[f"{experts}{e}.down_proj.weight"] = tensor[e].clone()
+    torch.save(state, directory / "pytorch_model.bin")
+    return mixtral, vision
+
+
+def test_moe_llava_layout_loads_with_the_source_llm_logits(tmp_path):
+    from sparsevl.model.llava_original import from_moe_llava
+    from sparsevl.model.upcycle import moe_layout
+
+    mixtral, vision = write_moe_llava_layout(tmp_path / "moe", sparse=False)
+    model, args = from_moe_llava(tmp_path / "moe", image_token_id=VOCAB_SIZE)
+    assert moe_layout(model.llm).to_dict() == {"layers": [0, 1], "num_experts": 4, "top_k": 2}
+    embeds = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.llm(inputs_embeds=embeds).logits[..., :VOCAB_SIZE]
+        theirs = mixtral(inputs_embeds=embeds).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for name, tensor in vision.projector.state_dict().items():
+        assert torch.equal(model.projector.state_dict()[name], tensor)
+    for name, tensor in vision.vision_tower.encoder.state_dict().items():
+        assert torch.equal(model.vision_tower.encoder.state_dict()[name], tensor)
+
+
+def test_moe_llava_sparse_layout_keeps_dense_layers_dense(shapes_tokenizer, tmp_path):
+    from sparsevl.model.upcycle import moe_layout
+
+    mixtral, _ = write_moe_llava_layout(tmp_path / "moe", sparse=True)
+    type(shapes_tokenizer).from_pretrained(shapes_tokenizer.name_or_path).save_pretrained(tmp_path / "moe")
+    assert cli_main(["export", "--to", "sparsevl", "--from", "moe-llava", "--model", str(tmp_path / "moe"),
+                     "--out", str(tmp_path / "out")]) == 0
+    model, _ = load_checkpoint(tmp_path / "out")
+    assert moe_layout(model.llm).to_dict() == {"layers": [0], "num_experts": 4, "top_k": 2}
+    gate, up = mixtral.model.layers[1].mlp.experts.gate_up_proj[0].chunk(2, dim=0)
+    assert torch.equal(model.llm.model.layers[1].mlp.gate_proj.weight, gate)
+    assert torch.equal(model.llm.model.layers[1].mlp.up_proj.weight, up)
