@@ -130,17 +130,17 @@ def build_image_processor(name_or_path: str, vision_config):
 def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -> SparseVLM:
     """Fresh model from arguments (presets get random weights)."""
     options = {"dtype": args.torch_dtype, "attn_implementation": args.attn_implementation}
-    llm = build_llm(args.model_name_or_path, vocab_size=vocab_size, **options)
-    encoder = build_vision_encoder(args.vision_tower, **options).to(llm.dtype)  # `auto`: the LLM's dtype
+    encoder = build_vision_encoder(args.vision_tower, **options)
     vision_tower = VisionTower(encoder=encoder, select_layer=args.mm_vision_select_layer,
                                select_feature=args.mm_vision_select_feature)
+    llm = build_llm(args.model_name_or_path, vocab_size=vocab_size, **options)
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm.config.hidden_size, **projector_options(args))
     apply_moe_arguments(llm, args)
     selector = build_layer_selector(args, vision_tower=vision_tower, text_dim=llm.get_input_embeddings().embedding_dim)
     model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
                       layer_selector=selector)
-    return model.to(llm.dtype)
+    return model.to(llm.dtype)  # `auto`: tower, projector and classifier follow the LLM checkpoint's dtype
 
 
 def projector_options(args: ModelArguments) -> dict:
