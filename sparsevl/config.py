@@ -138,7 +138,8 @@ class DataArguments:
         "DataLoader worker). 0: decode every time (records are tokenized and decoded when read).")})
     image_aspect_ratio: str = field(default="square", metadata={"help": (
         "square: the image processor's resize and centre crop; pad: LLaVA's, expand each image to a square "
-        "filled with the processor's mean colour first, so nothing is cropped.")})
+        "filled with the processor's mean colour first, so nothing is cropped (the checkpoint's image processor "
+        "pads too, so evaluation and serving do the same).")})
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Data that streams: per-item tokenization, a bounded image cache, LLaVA's pad and modality-grouped batches."""
 
+import copy
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from tiny import train_flags
 
 import sparsevl.data.dataset as dataset_module
 from sparsevl.cli import main as cli_main
-from sparsevl.data.dataset import ImageCache, expand_to_square
+from sparsevl.data.dataset import ImageCache, LlavaJsonDataset, with_aspect_ratio
 from sparsevl.data.sampler import length_grouped_indices, modality_grouped_indices
 
 
@@ -47,26 +48,21 @@ def test_pad_expands_to_a_square_of_the_processor_mean_colour(tmp_path, shapes_t
     Image.new("RGB", (64, 32), (200, 30, 30)).save(tmp_path / "wide.png")
     path = tmp_path / "data.json"
     path.write_text(json.dumps([record("wide", image="wide.png")]))
-    padded = dataset(path, shapes_tokenizer, image_aspect_ratio="pad")[0]["pixel_values"][0]
-    # by hand: 16 rows of mean colour, 32 rows of red, 16 rows of mean colour; then CLIP normalisation
+    pad = with_aspect_ratio(copy.deepcopy(PROCESSOR), "pad")
+    padded = LlavaJsonDataset(path, tokenizer=shapes_tokenizer, image_processor=pad,
+                              num_image_tokens=64)[0]["pixel_values"][0]
+    # by hand (LLaVA's expand2square): 16 rows of int(255 x mean), 32 rows of red, 16 rows of int(255 x mean)
     mean, std = np.array(PROCESSOR.image_mean), np.array(PROCESSOR.image_std)
     square = np.empty((64, 64, 3))
-    square[:] = np.round(mean * 255)
+    square[:] = np.floor(mean * 255)
     square[16:48] = (200, 30, 30)
     expected = torch.tensor(((square / 255 - mean) / std).transpose(2, 0, 1), dtype=torch.float32)
-    torch.testing.assert_close(padded, expected, atol=0.02, rtol=0)
-    assert padded[:, :16].abs().max() < 0.01  # the fill is the mean: 0 after normalising
+    torch.testing.assert_close(padded, expected, atol=1e-4, rtol=0)
     cropped = dataset(path, shapes_tokenizer)[0]["pixel_values"][0]  # square: resize + centre crop, all red
     assert cropped[:, :16].abs().min() > 0.3
+    assert with_aspect_ratio(pad, "square").do_pad is False  # square switches a padding processor off
     with pytest.raises(ValueError, match="--image_aspect_ratio 'anyres' is unknown"):
-        dataset(path, shapes_tokenizer, image_aspect_ratio="anyres")
-
-
-def test_expand_to_square_keeps_square_images():
-    image = Image.new("RGB", (8, 8), (1, 2, 3))
-    assert expand_to_square(image, (0, 0, 0)) is image
-    tall = expand_to_square(Image.new("RGB", (2, 6), (9, 9, 9)), (5, 5, 5))
-    assert np.asarray(tall)[:, :2].tolist() == [[[5, 5, 5]] * 2] * 6 and np.asarray(tall)[:, 2:4].max() == 9
+        with_aspect_ratio(PROCESSOR, "anyres")
 
 
 def _batches(order, batch_size):
@@ -130,3 +126,9 @@ def test_training_streams_with_workers_pad_cache_and_grouping(shapes_dir, shapes
     assert cli_main(["train", *flags]) == 0
     data_args = json.loads((out / "train_config.json").read_text())["DataArguments"]
     assert (data_args["image_aspect_ratio"], data_args["image_cache_mb"]) == ("pad", 4)
+    from sparsevl.eval.run import load_for_inference
+
+    _, _, processor = load_for_inference(out)  # evaluation and serving pad as training did
+    wide = Image.new("RGB", (64, 32), (200, 30, 30))
+    expected = with_aspect_ratio(copy.deepcopy(PROCESSOR), "pad")(images=wide, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(images=wide, return_tensors="pt")["pixel_values"], expected)

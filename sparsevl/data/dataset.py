@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from transformers import LlavaImageProcessorPil
 
 from sparsevl.data.conversation import IGNORE_INDEX, BadSampleError, check_turns, tokenize_conversation
 
@@ -63,20 +64,23 @@ def load_image(path: Path) -> Image.Image:
 IMAGE_ASPECT_RATIOS = ("square", "pad")  # --image_aspect_ratio
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """LLaVA's `pad`: the image centred on a square of side max(width, height) filled with `background`."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
-def processor_mean_colour(image_processor) -> tuple[int, int, int]:
-    """The image processor's normalisation mean as an RGB colour (what `pad` fills with): 0 after normalising."""
-    return tuple(int(round(channel * 255)) for channel in image_processor.image_mean)
+def with_aspect_ratio(image_processor, aspect_ratio: str):
+    """The image processor for --image_aspect_ratio: `pad` is transformers' LlavaImageProcessorPil with do_pad
+    (LLaVA's rule: expand to a square filled with int(255 x image_mean), then resize / crop / normalise), built with
+    this processor's sizes and statistics; saved with the checkpoint, so evaluation and serving pad alike.
+    `square` turns a padding processor's do_pad off."""
+    if aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"--image_aspect_ratio {aspect_ratio!r} is unknown; choose from {IMAGE_ASPECT_RATIOS}")
+    if aspect_ratio == "square":
+        if getattr(image_processor, "do_pad", False):
+            image_processor.do_pad = False
+        return image_processor
+    crop = getattr(image_processor, "do_center_crop", False)
+    return LlavaImageProcessorPil(
+        do_pad=True, size=dict(image_processor.size), do_center_crop=crop,
+        crop_size=dict(image_processor.crop_size) if crop else None, resample=image_processor.resample,
+        image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std),
+        rescale_factor=image_processor.rescale_factor)
 
 
 class ImageCache:
@@ -135,15 +139,11 @@ class LlavaJsonDataset(Dataset):
 
     def __init__(self, data_path: str | Path, *, tokenizer, image_processor, image_folder: str | Path | None = None,
                  template: str = "chat", max_length: int = 512, num_image_tokens: int,
-                 skip_bad_samples: bool = False, image_cache_mb: float = 0, image_aspect_ratio: str = "square"):
-        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"--image_aspect_ratio {image_aspect_ratio!r} is unknown; choose from "
-                             f"{IMAGE_ASPECT_RATIOS}")
+                 skip_bad_samples: bool = False, image_cache_mb: float = 0):
         self.data_path = Path(data_path)
         self.image_folder = Path(image_folder) if image_folder else self.data_path.parent
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.max_length, self.num_image_tokens = template, max_length, num_image_tokens
-        self.background = processor_mean_colour(image_processor) if image_aspect_ratio == "pad" else None
         self.skip_bad_samples = skip_bad_samples
         self.skipped: list[tuple[str, str]] = []  # (record id, reason)
         self.cache = ImageCache(image_cache_mb)
@@ -205,10 +205,7 @@ class LlavaJsonDataset(Dataset):
         """Preprocessed image (channels, height, width), from the LRU cache when it holds it."""
         pixels = self.cache.get(path)
         if pixels is None:
-            image = load_image(path)
-            if self.background is not None:
-                image = expand_to_square(image, self.background)
-            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            pixels = self.image_processor(images=load_image(path), return_tensors="pt")["pixel_values"][0]
             self.cache.put(path, pixels)
         return pixels
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import AutoImageProcessor, set_seed
 
 from sparsevl.config import DataArguments, ModelArguments, SparseVLTrainingArguments, resolved_config
-from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator
+from sparsevl.data.dataset import LlavaJsonDataset, PaddingCollator, with_aspect_ratio
 from sparsevl.data.tokenizer import add_image_token, load_tokenizer
 from sparsevl.model.adaptive import attach_layer_selector
 from sparsevl.model.build import (apply_load_options, build_image_processor, build_model, configure_trainable,
@@ -89,13 +89,13 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         teacher = load_teacher(teacher_path, model) if teacher_path else make_teacher(model)
         print(f"teacher (frozen, no pruning) from {teacher_path or 'the student checkpoint'}: "
               + describe_parameters(teacher, "frozen"), flush=True)
+    image_processor = with_aspect_ratio(image_processor, data_args.image_aspect_ratio)
     mode = configure_trainable(model, model_args)
     print(("student (pruned): " if teacher is not None else "") + describe_parameters(model, mode), flush=True)
     dataset = LlavaJsonDataset(data_args.data_path, tokenizer=tokenizer, image_processor=image_processor,
                                image_folder=data_args.image_folder, template=data_args.conversation_template,
                                max_length=data_args.model_max_length, num_image_tokens=model.num_image_tokens,
-                               skip_bad_samples=data_args.skip_bad_samples, image_cache_mb=data_args.image_cache_mb,
-                               image_aspect_ratio=data_args.image_aspect_ratio)
+                               skip_bad_samples=data_args.skip_bad_samples, image_cache_mb=data_args.image_cache_mb)
     report_skipped(dataset.skipped, data_args.data_path)
     trainer = SparseVLTrainer(model=model, args=training_args, train_dataset=dataset,
                               data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
