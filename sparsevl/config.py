@@ -12,8 +12,12 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from sparsevl.upstream_flags import translate_upstream_flags
+
 
 LM_LOSS_SOURCES = ("best", "classifier", "all")  # --layer_lm_loss_from
+TORCH_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --torch_dtype
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")  # --attn_implementation
 
 
 @dataclass
@@ -25,6 +29,15 @@ class ModelArguments:
         "Vision encoder: a preset (tiny-clip, tiny-clip16, tiny-siglip, mid-clip) or a local CLIP/SigLIP directory.")})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": (
         "Tokenizer directory; default: the checkpoint's own (for presets this flag is required).")})
+    torch_dtype: str = field(default="float32", metadata={"help": (
+        "Weights' dtype when loading: float32 (CPU training), bfloat16, float16, or auto (the LLM checkpoint's own; "
+        "float32 for presets). Vision tower, projector and classifier follow the LLM.")})
+    attn_implementation: str | None = field(default=None, metadata={"help": (
+        "Attention kernel of the LLM and vision tower, passed to transformers: sdpa, flash_attention_2 (needs the "
+        "flash-attn package and a GPU) or eager; default: transformers' choice (sdpa).")})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": (
+        "Projector weights to start from: LLaVA's stage-1 mm_projector.bin (keys model.mm_projector.*; read with "
+        "torch.load(weights_only=True), never unpickling code) or a .safetensors file of the same keys.")})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": (
         "Projector: linear, mlp2x_gelu, qformer, or moe (alias adaptive_moe: top-k of --mm_moe_num_experts "
         "mlp2x_gelu experts).")})
@@ -87,6 +100,11 @@ class ModelArguments:
         "The lowest-loss layer is always the classifier's target.")})
 
     def __post_init__(self):
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"--torch_dtype {self.torch_dtype!r} must be one of {TORCH_DTYPES}")
+        if self.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ValueError(f"--attn_implementation {self.attn_implementation!r} must be one of "
+                             f"{ATTN_IMPLEMENTATIONS}")
         check_moe_arguments(self)
         if self.layer_lm_loss_from not in LM_LOSS_SOURCES:
             raise ValueError(f"--layer_lm_loss_from {self.layer_lm_loss_from!r} must be one of {LM_LOSS_SOURCES}")
@@ -112,7 +130,16 @@ class DataArguments:
     model_max_length: int = field(default=512, metadata={"help": (
         "Longest sequence in tokens, visual tokens included; longer text is truncated, image tokens never split.")})
     skip_bad_samples: bool = field(default=False, metadata={"help": (
-        "Skip (and count) malformed records instead of stopping with an error.")})
+        "Skip (and count) malformed records instead of stopping with an error. Checks every record before "
+        "training by tokenizing it and decoding its images once (slow for 100,000s of records); without it, "
+        "structure, turns and image files are checked up front and the rest when a record is first read.")})
+    image_cache_mb: float = field(default=0, metadata={"help": (
+        "Keep up to this many MiB of preprocessed images in memory (least recently used dropped first; per "
+        "DataLoader worker). 0: decode every time (records are tokenized and decoded when read).")})
+    image_aspect_ratio: str = field(default="square", metadata={"help": (
+        "square: the image processor's resize and centre crop; pad: LLaVA's, expand each image to a square "
+        "filled with the processor's mean colour first, so nothing is cropped (the checkpoint's image processor "
+        "pads too, so evaluation and serving do the same).")})
 
 
 @dataclass
@@ -157,9 +184,22 @@ class SparseVLTrainingArguments(TrainingArguments):
     align_loss_weight: float = field(default=1.0, metadata={"help": (
         "sparse_distill: weight of the MSE between student and teacher last hidden states on retained tokens.")})
 
+    group_by_modality_length: bool = field(default=False, metadata={"help": (
+        "LLaVA's sampler: each batch holds records with images only or text-only records only, of similar "
+        "length (word count); batches are shuffled with --seed, the last batch takes both modalities' remainders.")})
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": (
+        "sparse_distill: the frozen, unpruned teacher, a sparsevl checkpoint directory with the student's LLM width, "
+        "visual token count and <image> id (default: a copy of the student's starting weights).")})
+
     def __post_init__(self):
+        if self.teacher_model_name_or_path and self.stage != "sparse_distill":
+            raise ValueError(f"--teacher_model_name_or_path is used by --stage sparse_distill only, not --stage "
+                             f"{self.stage}")
         if not 0.0 <= self.layer_exploration_rate <= 1.0:
             raise ValueError(f"--layer_exploration_rate must be between 0 and 1, got {self.layer_exploration_rate}")
+        if self.max_steps == 0 or self.max_steps < -1 or (self.max_steps == -1 and self.num_train_epochs <= 0):
+            raise ValueError(f"--max_steps {self.max_steps} with --num_train_epochs {self.num_train_epochs} trains "
+                             "nothing: give --max_steps > 0, or --max_steps -1 (the default) and --num_train_epochs > 0")
         super().__post_init__()
 
 
@@ -217,27 +257,57 @@ def _dict_to_flags(values: dict) -> list[str]:
     return flags
 
 
-def _pop_option(argv: list[str], name: str) -> str | None:
+def split_config_files(argv: list[str], flag: str = "--config") -> tuple[list[str], list[str]]:
+    """(YAML paths in the order given, the other flags): `--config A --config B` and `--config A B` both give
+    [A, B]; later files override earlier ones, and flags override them all."""
+    paths, rest, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith(flag + "="):
+            paths.append(token.split("=", 1)[1])
+        elif token == flag:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            if not values:
+                raise SystemExit(f"{flag} needs at least one YAML file")
+            paths += values
+        else:
+            rest.append(token)
+        i += 1
+    return paths, rest
+
+
+def _last_option(argv: list[str], name: str) -> str | None:
+    """The value of the last `name VALUE` / `name=VALUE` in argv (the one argparse keeps)."""
+    value = None
     for i, token in enumerate(argv):
         if token == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith(name + "="):
-            return token.split("=", 1)[1]
-    return None
+            value = argv[i + 1]
+        elif token.startswith(name + "="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def _flag_names(argv: list[str]) -> frozenset[str]:
+    return frozenset(token[2:].split("=", 1)[0] for token in argv if token.startswith("--"))
 
 
 def parse_train_args(argv: list[str] | None = None):
-    """Parse (model, data, training) arguments: stage recipe, then YAML `--config`, then flags."""
+    """Parse (model, data, training) arguments: stage recipe, then each YAML `--config` in order, then flags.
+
+    The model arguments remember which flags were given (`given_flags`), so that a flag contradicting a loaded
+    checkpoint is applied or refused, never dropped."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = _pop_option(argv, "--config")
-    argv = _without_option(argv, "--config")
-    yaml_flags = yaml_to_flags(config_path) if config_path else []
-    stage = _pop_option(argv, "--stage") or _pop_option(yaml_flags, "--stage") or "finetune"
+    config_paths, argv = split_config_files(argv)
+    yaml_flags = [flag for path in config_paths for flag in yaml_to_flags(path)]
+    stage = _last_option(argv, "--stage") or _last_option(yaml_flags, "--stage") or "finetune"
     if stage not in STAGE_DEFAULTS:
         raise SystemExit(f"--stage {stage!r} is unknown; choose from: {', '.join(STAGE_DEFAULTS)}")
-    full_argv = _dict_to_flags(STAGE_DEFAULTS[stage]) + yaml_flags + argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     try:
+        full_argv = translate_upstream_flags(_dict_to_flags(STAGE_DEFAULTS[stage]) + yaml_flags + argv)
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=full_argv,
                                                                                   look_for_args_file=False)
     except ValueError as error:  # a dataclass's own check (e.g. --top_k_experts > --num_experts)
@@ -245,19 +315,8 @@ def parse_train_args(argv: list[str] | None = None):
     if training_args.stage == "sparse_distill" and model_args.layer_lm_loss_from == "all":
         raise SystemExit("sparsevl train: error: --stage sparse_distill aligns each sample's hidden states with the "
                          "teacher's, but --layer_lm_loss_from all trains k copies of every sample; use best or classifier")
+    model_args.given_flags = _flag_names(full_argv)
     return model_args, data_args, training_args
-
-
-def _without_option(argv: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == name:
-            skip = True
-        elif not token.startswith(name + "="):
-            out.append(token)
-    return out
 
 
 def resolved_config(*arguments) -> dict:

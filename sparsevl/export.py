@@ -3,7 +3,9 @@
 --to llava-hf: a sparsevl checkpoint -> transformers' `LlavaForConditionalGeneration` layout (config.json,
 model.safetensors, a `LlavaProcessor` with our tokenizer and image processor), then reloaded with plain
 transformers and checked against our logits on a probe input.
---to sparsevl: a llava-hf directory -> a sparsevl checkpoint (e.g. to fine-tune or prune it here).
+--to sparsevl: a llava-hf directory -> a sparsevl checkpoint (e.g. to fine-tune or prune it here); with
+`--from llava` / `--from moe-llava`, a directory of the original LLaVA / MoE-LLaVA code base
+(sparsevl.model.llava_original).
 --to qwen3-moe: the LLM of an upcycled (--stage moe) Qwen3 checkpoint -> transformers' `Qwen3MoeForCausalLM`
 (config.json, model.safetensors, tokenizer), reloaded with plain transformers and checked against our logits.
 """
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 
 FORMATS = ("llava-hf", "sparsevl", "qwen3-moe")
 DEFAULT_MAX_NEW_TOKENS = 16  # `sparsevl eval --max_new_tokens`'s default, so that both answer alike
+SOURCES = ("llava-hf", "llava", "moe-llava")  # --to sparsevl --from
 
 
 def export_llava_hf(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True, atol: float = 1e-5,
@@ -162,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="llava-hf, qwen3-moe: the longest answer plain clients generate by default, written to "
                         "generation_config.json (default %(default)s, as `sparsevl eval`; raise it for chat)")
+    p.add_argument("--from", dest="source", default="llava-hf", choices=SOURCES,
+                   help="--to sparsevl: the source layout, transformers' llava-hf (default) or the original LLaVA "
+                        "code base's (LlavaLlamaForCausalLM: config with mm_vision_tower, model.mm_projector.* keys) "
+                        "or MoE-LLaVA's (MoELLaVALlamaForCausalLM: a moe config, DeepSpeed MoE layers)")
+    p.add_argument("--vision_tower", default=None, help="--from llava|moe-llava: local CLIP directory when the "
+                                                        "checkpoint's mm_vision_tower / mm_image_tower is a hub name")
     p.add_argument("--verify", type=_bool, default=True, help="llava-hf, qwen3-moe: reload with plain "
                                                               "transformers and compare logits on a probe (default true)")
     return p
@@ -175,11 +184,19 @@ def _bool(text: str) -> bool:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.to != "sparsevl" and args.source != "llava-hf" or args.vision_tower and args.source == "llava-hf":
+        print("sparsevl export: error: --from applies to --to sparsevl, --vision_tower to --from llava|moe-llava",
+              file=sys.stderr)
+        return 2
     try:
         if args.to == "llava-hf":
             out = export_llava_hf(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens)
         elif args.to == "qwen3-moe":
             out = export_qwen3_moe(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens)
+        elif args.source in ("llava", "moe-llava"):
+            from sparsevl.model.llava_original import import_llava_original
+
+            out = import_llava_original(args.model, args.out, source=args.source, vision_tower=args.vision_tower)
         else:
             out = import_llava_hf(args.model, args.out)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -49,8 +49,11 @@ def test_text_only_records_need_no_image(tmp_path, shapes_tokenizer):
     assert batch["pixel_values"] is None
 
 
-def test_images_are_cached_as_tensors(shapes_dir, shapes_tokenizer):
+def test_images_are_decoded_each_time_unless_a_cache_is_asked_for(shapes_dir, shapes_tokenizer):
     data = dataset(shapes_dir / "finetune.json", shapes_tokenizer)
     first = data[0]["pixel_values"][0]
-    assert data[0]["pixel_values"][0] is first
+    assert data[0]["pixel_values"][0] is not first and torch.equal(data[0]["pixel_values"][0], first)
+    cached = dataset(shapes_dir / "finetune.json", shapes_tokenizer, image_cache_mb=1)
+    first = cached[0]["pixel_values"][0]
+    assert cached[0]["pixel_values"][0] is first
     assert torch.isfinite(first).all()

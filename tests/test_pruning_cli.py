@@ -62,7 +62,8 @@ def test_sparse_distill_trains_the_pruned_student_with_the_alignment_loss(checkp
                                               pruning_layers=1, retained_tokens=0.125, learning_rate=1e-3,
                                               align_loss_weight=0.5)))
     printed = capsys.readouterr().out
-    assert "teacher (frozen, no pruning): training mode frozen: trainable params: 0 ||" in printed
+    assert ("teacher (frozen, no pruning) from the student checkpoint: training mode frozen: trainable params: 0 ||"
+            in printed)
     assert "student (pruned): training mode full: trainable params:" in printed
     history = [e for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
     assert len(history) == 2

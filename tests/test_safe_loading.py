@@ -79,9 +79,24 @@ def test_a_pickled_bin_llm_is_refused(shapes_dir, shapes_tokenizer, tmp_path):
     write_malicious(llm_dir / "pytorch_model.bin", marker)
     args = parse_train_args(train_flags(shapes_dir, shapes_tokenizer, tmp_path / "run", model_name_or_path=llm_dir,
                                         max_steps=1, report_to="none"))
-    with pytest.raises(ValueError, match=r"llm: cannot load safetensors weights \(pickled \.bin weights are refused"):
+    with pytest.raises(ValueError, match=r"llm: refused to unpickle its \.bin weights"):
         train(*args)
     assert not marker.exists()
+
+
+def test_a_bin_llm_of_plain_tensors_loads(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsevl.model import presets
+    from sparsevl.model.build import build_llm
+
+    source = AutoModelForCausalLM.from_config(presets.llm_preset_config("tiny-llama", vocab_size=64))
+    source.config.save_pretrained(tmp_path / "llm")
+    torch.save(source.state_dict(), tmp_path / "llm" / "pytorch_model.bin")  # the older transformers layout
+    loaded = build_llm(str(tmp_path / "llm"), vocab_size=64)
+    for (name, mine), theirs in zip(loaded.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(mine, theirs), name
 
 
 def test_every_torch_load_in_the_package_is_weights_only():

@@ -10,7 +10,7 @@ import torch
 
 from sparsevl.classify import download
 from sparsevl.classify.checkpoint import load_checkpoint, save_checkpoint
-from sparsevl.classify.config import parse_args
+from sparsevl.classify.config import check_model_flags, parse_args
 from sparsevl.classify.data import load_dataset
 from sparsevl.classify.figures import write_figures
 from sparsevl.classify.train import build_model, evaluate, train
@@ -26,8 +26,9 @@ def run(argv: list[str]) -> dict:
     checkpoint = Path(train_cfg.checkpoint or save_dir / "checkpoint")
     metrics = {"dataset": data_cfg.dataset, "mode": train_cfg.mode, "checkpoint": str(checkpoint)}
     history = []
-    if train_cfg.mode == "test":  # the checkpoint's model config wins over model flags
+    if train_cfg.mode == "test":  # the model comes from the checkpoint; a contradicting model flag is an error
         model, tokenizer, meta = load_checkpoint(checkpoint)
+        check_model_flags(model_cfg, model.config, checkpoint)
         model_cfg = model.config
     data = load_dataset(data_cfg.dataset, data_cfg.data_root, img_size=model_cfg.img_size,
                         in_channels=model_cfg.in_channels, max_train_samples=data_cfg.max_train_samples)

@@ -4,10 +4,12 @@ YAML values go through the same argparse path as flags (YAML first, flags after,
 which converts types that `HfArgumentParser.parse_yaml_file` would leave as strings.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import yaml
 from transformers import HfArgumentParser
+
+from sparsevl.config import split_config_files
 
 
 def _help(text: str, default, **kwargs):
@@ -81,15 +83,21 @@ def yaml_to_argv(path: str) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """Parse `[--config file.yaml] [flags]`; flags override the YAML."""
-    argv = list(argv)
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML path")
-        argv = yaml_to_argv(argv[at + 1]) + argv[:at] + argv[at + 2 :]
+    """Parse `[--config a.yaml [--config b.yaml ...]] [flags]`: YAML files in order, later ones and flags win."""
+    paths, argv = split_config_files(list(argv))
+    argv = [flag for path in paths for flag in yaml_to_argv(path)] + argv
     parser = HfArgumentParser(CONFIG_CLASSES, prog="python -m sparsevl.classify",
                               description="Train and/or test the Diff-MoE classifier. Fetch a dataset with "
                                           "`python -m sparsevl.classify download --help`.")
-    parser.add_argument("--config", help="YAML file of defaults (flags override it)")
+    parser.add_argument("--config", nargs="+", help="YAML files of defaults, merged in order (flags override them)")
     return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[:3])
+
+
+def check_model_flags(model_cfg: ModelConfig, saved: ModelConfig, checkpoint) -> None:
+    """Test mode reads the model from `checkpoint`: a model flag set to another value than it was trained with is
+    an error naming both, never dropped (recomputing in backward does not apply to testing)."""
+    for f in fields(ModelConfig):
+        value, saved_value = getattr(model_cfg, f.name), getattr(saved, f.name)
+        if f.name != "gradient_checkpointing" and value != f.default and value != saved_value:
+            raise ValueError(f"--{f.name} {value} contradicts checkpoint {checkpoint}, trained with {f.name} "
+                             f"{saved_value}; drop the flag to test it")

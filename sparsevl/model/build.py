@@ -5,6 +5,7 @@ Checkpoint layout (a directory): `sparsevl_config.json` (model arguments + LLM a
 """
 
 import json
+import pickle
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, C
 from sparsevl.config import ModelArguments
 from sparsevl.model import presets
 from sparsevl.model.adaptive import build_layer_selector
+from sparsevl.model.moe import MoELayer
 from sparsevl.model.projectors import build_projector
 from sparsevl.model.upcycle import MoELayout, apply_moe_arguments, moe_layout, train_only_moe_layers, upcycle_llm
 from sparsevl.model.vision import VisionTower, vision_encoder_class
@@ -24,6 +26,7 @@ from sparsevl.model.vlm import SparseVLM
 
 CONFIG_NAME = "sparsevl_config.json"
 WEIGHTS_NAME = "model.safetensors"
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -39,34 +42,78 @@ def _check_local_dir(path: str, flag: str, preset_names: list[str]) -> Path:
     return directory
 
 
-def build_llm(name_or_path: str, *, vocab_size: int) -> nn.Module:
-    """A causal LM from a preset (random weights) or a local transformers checkpoint, in fp32."""
+def build_llm(name_or_path: str, *, vocab_size: int, dtype: str = "float32",
+              attn_implementation: str | None = None) -> nn.Module:
+    """A causal LM from a preset (random weights, fp32 unless `dtype` says otherwise) or a local transformers
+    checkpoint, loaded in `dtype` (`auto`: the checkpoint's own)."""
     if name_or_path in presets.llm_preset_names():
-        return AutoModelForCausalLM.from_config(presets.llm_preset_config(name_or_path, vocab_size=vocab_size))
+        config = presets.llm_preset_config(name_or_path, vocab_size=vocab_size)
+        llm = AutoModelForCausalLM.from_config(config, **_attention(attn_implementation))
+        return llm if dtype in ("float32", "auto") else llm.to(LOAD_DTYPES[dtype])
     directory = _check_local_dir(name_or_path, "--model_name_or_path", presets.llm_preset_names())
-    llm = _from_pretrained_safetensors(AutoModelForCausalLM, directory)
+    llm = load_pretrained(AutoModelForCausalLM, directory, dtype=dtype, attn_implementation=attn_implementation)
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         llm.resize_token_embeddings(vocab_size)
     return llm
 
 
-def build_vision_encoder(name_or_path: str) -> nn.Module:
+def build_vision_encoder(name_or_path: str, *, dtype: str = "float32", attn_implementation: str | None = None
+                         ) -> nn.Module:
     """A CLIP/SigLIP vision encoder from a preset or a local directory (full CLIP models are accepted)."""
     if name_or_path in presets.vision_preset_names():
         config = presets.vision_preset_config(name_or_path)
-        return vision_encoder_class(config.model_type)(config)
+        encoder = vision_encoder_class(config.model_type)._from_config(config, **_attention(attn_implementation))
+        return encoder if dtype in ("float32", "auto") else encoder.to(LOAD_DTYPES[dtype])
     directory = _check_local_dir(name_or_path, "--vision_tower", presets.vision_preset_names())
     model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
-    return _from_pretrained_safetensors(vision_encoder_class(model_type), directory)
+    return load_pretrained(vision_encoder_class(model_type), directory, dtype=dtype,
+                           attn_implementation=attn_implementation)
 
 
-def _from_pretrained_safetensors(model_class, directory: Path) -> nn.Module:
-    """`from_pretrained` in fp32 from safetensors only: a pickled `.bin` is refused, never unpickled."""
+def _attention(attn_implementation: str | None) -> dict:
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+
+
+def _from_pretrained_safetensors(model_class, directory: Path, *, dtype: str = "float32",
+                                 attn_implementation: str | None = None) -> nn.Module:
+    """`from_pretrained` (fp32 unless `dtype` says otherwise) from safetensors only: a pickled `.bin` is refused,
+    never unpickled."""
     try:
-        return model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32, use_safetensors=True)
+        return model_class.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPES[dtype],
+                                           use_safetensors=True, **_attention(attn_implementation))
     except OSError as error:
         raise ValueError(f"{directory}: cannot load safetensors weights (pickled .bin weights are refused): "
                          f"{error}") from None
+    except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
+        raise ValueError(f"--attn_implementation {attn_implementation}: {error}") from None
+
+
+def load_pretrained(model_class, directory: Path, *, dtype: str = "float32",
+                    attn_implementation: str | None = None) -> nn.Module:
+    """`from_pretrained` of a local directory: safetensors when it has them, else pickled `.bin` weights read with
+    torch.load(weights_only=True) (a pickle that needs more than tensors is refused, never run)."""
+    if any(directory.glob("*.safetensors")) or not any(directory.glob("*.bin")):
+        return _from_pretrained_safetensors(model_class, directory, dtype=dtype,
+                                            attn_implementation=attn_implementation)
+    try:
+        return model_class.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPES[dtype],
+                                           use_safetensors=False, weights_only=True, **_attention(attn_implementation))
+    except (pickle.UnpicklingError, OSError, RuntimeError) as error:
+        raise ValueError(f"{directory}: refused to unpickle its .bin weights (only tensors are read, "
+                         f"weights_only=True): {str(error).splitlines()[0]}") from None
+
+
+def apply_load_options(model: SparseVLM, args: ModelArguments) -> None:
+    """--torch_dtype / --attn_implementation on an assembled model (a loaded sparsevl checkpoint): cast it, and
+    set the attention kernel of the LLM and the vision encoder."""
+    if args.torch_dtype not in ("float32", "auto"):
+        model.to(LOAD_DTYPES[args.torch_dtype])
+    if args.attn_implementation is not None:
+        for module in (model.llm, model.vision_tower.encoder):
+            try:
+                module.set_attn_implementation(args.attn_implementation)
+            except (ImportError, ValueError) as error:
+                raise ValueError(f"--attn_implementation {args.attn_implementation}: {error}") from None
 
 
 def build_image_processor(name_or_path: str, vision_config):
@@ -82,16 +129,18 @@ def build_image_processor(name_or_path: str, vision_config):
 
 def build_model(args: ModelArguments, *, vocab_size: int, image_token_id: int) -> SparseVLM:
     """Fresh model from arguments (presets get random weights)."""
-    encoder = build_vision_encoder(args.vision_tower)
+    options = {"dtype": args.torch_dtype, "attn_implementation": args.attn_implementation}
+    encoder = build_vision_encoder(args.vision_tower, **options)
     vision_tower = VisionTower(encoder=encoder, select_layer=args.mm_vision_select_layer,
                                select_feature=args.mm_vision_select_feature)
-    llm = build_llm(args.model_name_or_path, vocab_size=vocab_size)
+    llm = build_llm(args.model_name_or_path, vocab_size=vocab_size, **options)
     projector = build_projector(args.mm_projector_type, vision_dim=vision_tower.hidden_size,
                                 llm_dim=llm.config.hidden_size, **projector_options(args))
     apply_moe_arguments(llm, args)
     selector = build_layer_selector(args, vision_tower=vision_tower, text_dim=llm.get_input_embeddings().embedding_dim)
-    return SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
-                     layer_selector=selector)
+    model = SparseVLM(vision_tower=vision_tower, projector=projector, llm=llm, image_token_id=image_token_id,
+                      layer_selector=selector)
+    return model.to(llm.dtype)  # `auto`: tower, projector and classifier follow the LLM checkpoint's dtype
 
 
 def projector_options(args: ModelArguments) -> dict:
@@ -133,6 +182,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def count_activated_parameters(model: nn.Module) -> int:
+    """Parameters one token runs through: all of them less, in each MoE layer, the experts its top-k router
+    leaves out ((num_experts - top_k) / num_experts of the expert weights)."""
+    activated = sum(p.numel() for p in model.parameters())
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            unused = layer.router.num_experts - layer.router.top_k
+            activated -= expert_params * unused // layer.router.num_experts
+    return activated
 
 
 def plain_state_dict(model: SparseVLM) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter
+from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter, expert_stats_paused
 
 
 @dataclass
@@ -39,6 +39,9 @@ class MoEFeedForward(nn.Module):
         self.last_expert_indices: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch._C._current_graph_task_id() != -1:  # activation checkpointing recomputes in backward: same
+            with expert_stats_paused(self.moe):     # routing, already counted, its losses already handed over
+                return self.moe(hidden_states).hidden_states
         out = self.moe(hidden_states)
         self._losses = out.losses
         self.last_expert_indices = out.router.indices.view(*hidden_states.shape[:-1], -1)

@@ -264,10 +264,19 @@ class SparseVLM(nn.Module):
                               past=past, use_cache=use_cache, logits_to_keep=1, padding_side="left")
         return out.logits[:, -1], out.past, out.kept_index
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.vision_tower.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute layer activations in backward (`--gradient_checkpointing True`): the LLM's and the vision
+        encoder's own checkpointing, with the keywords transformers' Trainer passes. Our decoder loop calls the
+        same (checkpointed) decoder layers, so pruning runs checkpoint them too."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        for module in (self.llm, self.vision_tower.encoder):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                   every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """transformers' older name of `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
 
 def pop_module_losses(root: nn.Module, *, prefix: str) -> dict[str, torch.Tensor]:

@@ -23,3 +23,18 @@ def make_teacher(student: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(student)
     teacher.pruning = None
     return teacher.requires_grad_(False).eval()
+
+
+def load_teacher(path: str, student: nn.Module) -> nn.Module:
+    """A frozen, unpruned teacher from sparsevl checkpoint `path`; refused unless its hidden states line up with
+    the student's (same LLM width, visual tokens per image and <image> token)."""
+    from sparsevl.model.build import load_checkpoint
+
+    teacher, _ = load_checkpoint(path)
+    pairs = {"LLM hidden size": (teacher.llm.config.hidden_size, student.llm.config.hidden_size),
+             "visual tokens per image": (teacher.num_projected_tokens, student.num_projected_tokens),
+             "<image> token id": (teacher.image_token_id, student.image_token_id)}
+    for what, (theirs, ours) in pairs.items():
+        if theirs != ours:
+            raise ValueError(f"--teacher_model_name_or_path {path}: its {what} is {theirs}, the student's {ours}")
+    return teacher.requires_grad_(False).eval()

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
+from sparsevl.data.sampler import ModalityLengthGroupedSampler
 from sparsevl.model.build import save_checkpoint
 from sparsevl.model.vlm import IGNORE_INDEX
 from sparsevl.train.checkpointing import STAGING_PREFIX, load_resume_weights, publish, save_resume_weights
@@ -79,6 +80,15 @@ class SparseVLTrainer(Trainer):
         self._loss_sums: dict[str, float] = defaultdict(float)  # Σ value × weight since the last log
         self._loss_counts: dict[str, float] = defaultdict(float)  # Σ weight (labelled tokens for lm, else 1)
         self._staging_dir: Path | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        """--group_by_modality_length: LLaVA's modality- and length-grouped order; else Trainer's own."""
+        if not self.args.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=self.args.train_batch_size,
+                                            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+                                            seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "sample_index"}
