@@ -61,6 +61,14 @@ def tiny_checkpoint(shapes_tokenizer, tmp_path_factory):
                            tokenizer=shapes_tokenizer, image_processor=processor)
 
 
+@pytest.fixture(scope="session")
+def lively_checkpoint(shapes_tokenizer, tmp_path_factory):
+    """A tiny checkpoint whose greedy answers vary with prompt and image (see tiny.save_lively_checkpoint)."""
+    from tiny import save_lively_checkpoint
+
+    return save_lively_checkpoint(tmp_path_factory.mktemp("lively_checkpoint"), shapes_tokenizer)
+
+
 @pytest.fixture
 def single_thread():
     """One torch thread: tiny tensors gain nothing from two, and OpenMP stalls when other jobs share the cores."""

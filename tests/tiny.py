@@ -60,3 +60,20 @@ def train_flags(shapes_dir, shapes_tokenizer, out, **extra) -> list[str]:
               "per_device_train_batch_size": 16, "learning_rate": 2e-3, "logging_steps": 5, "save_steps": 20,
               "report_to": "tensorboard", "seed": 0, **extra}
     return [token for key, value in values.items() for token in (f"--{key}", str(value))]
+
+
+def save_lively_checkpoint(directory, tokenizer, *, scale: float = 8.0, seed: int = 0):
+    """A random tiny-llama + tiny-clip checkpoint whose LLM matrices are scaled up by `scale`: at the default
+    initialisation a random LLM repeats one token whatever the prompt, which would hide decoding bugs; scaled,
+    its greedy answers vary with the prompt, the image and every earlier token."""
+    from sparsevl.config import ModelArguments
+
+    torch.manual_seed(seed)
+    args = ModelArguments(model_name_or_path="tiny-llama", vision_tower="tiny-clip")
+    model = build_model(args, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    with torch.no_grad():
+        for parameter in list(model.llm.parameters()) + list(model.projector.parameters()):
+            if parameter.dim() == 2:
+                parameter.mul_(scale)
+    processor = build_image_processor(args.vision_tower, model.vision_tower.config)
+    return save_checkpoint(model, directory, model_args=args, tokenizer=tokenizer, image_processor=processor)
