@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "export": ("sparsevl.export", "main", "convert to/from transformers' Llava layout (llava-hf)"),
     "chat": ("sparsevl.serve.chat", "main", "talk about an image in the terminal (streaming answers)"),
     "serve": ("sparsevl.serve.web", "main", "web demo (Gradio) on 127.0.0.1: ask about an uploaded image"),
+    "api": ("sparsevl.serve.api", "main", "OpenAI-compatible HTTP API on 127.0.0.1, with dynamic batching"),
     "analyze": ("sparsevl.analyze.cli", "main", "study a trained model (pruning: accuracy vs kept tokens)"),
 }
 

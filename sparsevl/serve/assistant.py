@@ -5,6 +5,7 @@ Besides the answer, each call reports which visual tokens the LLM saw (as patch 
 and, for MoE models, how many tokens each expert received.
 """
 
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from sparsevl.data.conversation import IMAGE_TOKEN, prompt_ids
-from sparsevl.data.dataset import load_image
 from sparsevl.model.vlm import MultimodalInputs, SparseVLM
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -24,16 +24,17 @@ class UploadError(ValueError):
     """An uploaded file we refuse; the message says why and is shown to the user."""
 
 
-def open_upload(path: str | Path, *, max_bytes: int, max_pixels: int = 4096 * 4096,
+def open_upload(source: str | Path | bytes, *, max_bytes: int, max_pixels: int = 4096 * 4096,
                 name: str | None = None) -> Image.Image:
-    """An uploaded image as RGB after size, type and pixel-count checks; UploadError naming the file otherwise."""
-    path = Path(path)
-    name = name or path.name
-    size = path.stat().st_size
+    """An uploaded image (a file, or its bytes) as RGB after size, type and pixel-count checks; UploadError
+    naming the upload otherwise."""
+    name = name or (Path(source).name if not isinstance(source, bytes) else "the image")
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
     if size > max_bytes:
         raise UploadError(f"upload rejected: {name} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB")
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        with Image.open(path) as probe:
+        with Image.open(io.BytesIO(data)) as probe:
             image_format, (width, height) = probe.format, probe.size
     except Image.DecompressionBombError:
         raise UploadError(f"upload rejected: {name} has too many pixels") from None
@@ -44,9 +45,11 @@ def open_upload(path: str | Path, *, max_bytes: int, max_pixels: int = 4096 * 40
     if width * height > max_pixels:
         raise UploadError(f"upload rejected: {name} is {width}x{height} pixels; the limit is {max_pixels} pixels")
     try:
-        return load_image(path)
-    except ValueError as error:
-        raise UploadError(f"upload rejected: {error}") from None
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UploadError(f"upload rejected: {name} cannot be decoded (truncated or corrupt?): {error}") from None
 
 
 @dataclass

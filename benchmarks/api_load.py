@@ -1,0 +1,161 @@
+"""Throughput of `sparsevl api` under load: held-out questions sent by many concurrent `openai` clients
+against the same questions sent one at a time, for the plain model and with a pruning setting.
+
+Each setting starts its own `sparsevl api` process (127.0.0.1, a free port), warms it up, then times the
+questions one at a time and from --clients concurrent clients (threads, each with its own `openai` client,
+greedy, max_tokens = --max_new_tokens). It prints requests/s, the ratio, p50/p95 latency, and how many
+answers equal `sparsevl eval`'s greedy answers (the same generation code, batched by eval's own batcher).
+The last line is the plain setting's ratio.
+
+    python -m benchmarks.api_load --model runs/demo/finetune --data runs/demo/data/test_qa.json
+"""
+
+import argparse
+import base64
+import os
+import queue
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="runs/demo/finetune", help="checkpoint directory (default: the demo model)")
+    p.add_argument("--data", default="runs/demo/data/test_qa.json", help="held-out LLaVA JSON questions")
+    p.add_argument("--num_questions", type=int, default=128, help="first N questions of --data")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="max_tokens per request (eval's default)")
+    p.add_argument("--pruning", default="--token_pruner fastv",
+                   help="pruning flags of the second setting, as `sparsevl api` takes them ('' to skip)")
+    return p
+
+
+def load_questions(data: Path, limit: int) -> list[dict]:
+    """Records with their question text (no `<image>`) and image as a data URL."""
+    from sparsevl.data.dataset import read_records
+    from sparsevl.eval.generate import question_of
+
+    records = read_records(data)[:limit]
+    for record in records:
+        png = (data.parent / record["image"]).read_bytes()
+        record["text"] = question_of(record).replace("<image>", "").strip()
+        record["url"] = "data:image/png;base64," + base64.b64encode(png).decode()
+    return records
+
+
+def eval_answers(model_dir: str, data: Path, records: list[dict], pruning: list[str], max_new_tokens: int):
+    """Greedy answers from `sparsevl eval`'s generation path (batched by eval, 64 per batch)."""
+    from sparsevl.eval.cli import parser as eval_parser
+    from sparsevl.eval.generate import generate_answers
+    from sparsevl.eval.run import load_for_inference
+    from sparsevl.model.pruning import build_pruning_plan
+
+    args = eval_parser().parse_args(["--model", model_dir, "--data", str(data), "--out", "unused", *pruning])
+    model, tokenizer, processor = load_for_inference(model_dir)
+    model.pruning = build_pruning_plan(args, model)
+    return generate_answers(model, tokenizer, processor, records, image_folder=data.parent,
+                            max_new_tokens=max_new_tokens, progress=False)
+
+
+def start_server(model_dir: str, flags: list[str], clients: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "sparsevl", "api", "--model", model_dir, "--port", str(port),
+               "--max_batch_size", str(clients), *flags]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    base = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            httpx.get(f"{base}/models", timeout=1).raise_for_status()
+            return process, base
+        except httpx.HTTPError:
+            if process.poll() is not None:
+                raise SystemExit(f"sparsevl api exited with {process.returncode}: {shlex.join(command)}")
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("sparsevl api did not start within 120 s")
+
+
+def ask(client: openai.OpenAI, model_id: str, record: dict, max_tokens: int) -> tuple[str, float]:
+    start = time.perf_counter()
+    reply = client.chat.completions.create(model=model_id, max_tokens=max_tokens, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": record["text"]},
+                                     {"type": "image_url", "image_url": {"url": record["url"]}}]}])
+    return reply.choices[0].message.content, time.perf_counter() - start
+
+
+def run_load(base: str, model_id: str, records: list[dict], clients: int, max_tokens: int):
+    """Send every record from `clients` threads; (answers in record order, latencies, wall seconds)."""
+    work: queue.Queue = queue.Queue()
+    for index in range(len(records)):
+        work.put(index)
+    answers, latencies = [None] * len(records), [0.0] * len(records)
+
+    def worker():
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
+        while True:
+            try:
+                index = work.get_nowait()
+            except queue.Empty:
+                return
+            answers[index], latencies[index] = ask(client, model_id, records[index], max_tokens)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers, latencies, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def measure(args, name: str, flags: list[str], records: list[dict]) -> float:
+    """One setting: eval's answers, then one-at-a-time and concurrent load on a fresh server; the ratio."""
+    expected = eval_answers(args.model, Path(args.data), records, flags, args.max_new_tokens)
+    process, base = start_server(args.model, flags, args.clients)
+    try:
+        model_id = Path(args.model).resolve().name
+        run_load(base, model_id, records[: args.clients], args.clients, args.max_new_tokens)  # warm-up
+        serial, serial_lat, serial_s = run_load(base, model_id, records, 1, args.max_new_tokens)
+        together, lat, together_s = run_load(base, model_id, records, args.clients, args.max_new_tokens)
+    finally:
+        process.terminate()
+        process.wait(60)
+    ratio = serial_s / together_s
+    print(f"[{name}] {len(records)} questions, max_tokens {args.max_new_tokens}, flags: {shlex.join(flags) or '-'}")
+    print(f"  one at a time: {len(records) / serial_s:.2f} req/s, latency p50 {percentile(serial_lat, 50):.3f} s "
+          f"p95 {percentile(serial_lat, 95):.3f} s")
+    print(f"  {args.clients} clients:    {len(records) / together_s:.2f} req/s, latency p50 "
+          f"{percentile(lat, 50):.3f} s p95 {percentile(lat, 95):.3f} s")
+    print(f"  answers equal to sparsevl eval's: one at a time {sum(a == e for a, e in zip(serial, expected))}"
+          f"/{len(records)}, concurrent {sum(a == e for a, e in zip(together, expected))}/{len(records)}")
+    print(f"  speed-up: {ratio:.2f}x", flush=True)
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    records = load_questions(Path(args.data), args.num_questions)
+    if args.pruning:
+        measure(args, "pruned", shlex.split(args.pruning), records)
+    ratio = measure(args, "plain", [], records)
+    print(f"api speed-up vs one at a time: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

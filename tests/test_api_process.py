@@ -1,0 +1,84 @@
+"""`sparsevl api` as a process: it serves from the command line, and SIGTERM lets the request in flight
+finish (its answer whole and equal to greedy generation) before the process exits (by the signal, which
+uvicorn re-raises once drained)."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from sparsevl.data.conversation import prompt_ids
+from sparsevl.eval.run import load_for_inference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_request_in_flight_then_exits(lively_checkpoint, shapes_dir):
+    png = (shapes_dir / "images" / "test" / "000001.png").read_bytes()
+    question, max_tokens = "describe the picture", 300
+    model, tokenizer, processor = load_for_inference(lively_checkpoint)
+    from PIL import Image
+
+    ids = prompt_ids("<image>\n" + question, tokenizer)
+    pixels = processor(images=[Image.open(shapes_dir / "images" / "test" / "000001.png").convert("RGB")],
+                       return_tensors="pt")["pixel_values"]
+    tokens = model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixels,
+                            max_new_tokens=max_tokens, eos_token_id=tokenizer.eos_token_id)[0]
+    assert len(tokens) > 100  # precondition: the answer is long enough to be in flight when SIGTERM arrives
+    expected = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "sparsevl", "api", "--model", str(lively_checkpoint),
+                               "--port", str(port), "--model_name", "tiny"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(300):
+            try:
+                assert httpx.get(f"{base}/models", timeout=1).json()["data"][0]["id"] == "tiny"
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "stream": True, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(png).decode()}}, {"type": "text", "text": question}]}]}
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            server.send_signal(signal.SIGTERM)  # after the first chunk: the answer has just begun
+            rest = [line for line in lines if line]
+        assert server.wait(60) == -signal.SIGTERM  # uvicorn drains, then re-raises the signal it caught
+    finally:
+        if server.poll() is None:
+            server.kill()
+    chunks = [json.loads(line[6:]) for line in [first, *rest] if line != "data: [DONE]"]
+    assert rest[-1] == "data: [DONE]"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == expected
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/models", timeout=2)
+
+
+def test_api_cli_refuses_bad_flags(lively_checkpoint, capsys):
+    from sparsevl.serve.api import main
+
+    assert main(["--model", str(lively_checkpoint), "--max_batch_size", "0"]) == 2
+    assert "--max_batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["--model", str(lively_checkpoint), "--token_pruner", "nope"]) == 2
+    assert "--token_pruner 'nope' is unknown" in capsys.readouterr().err
