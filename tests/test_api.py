@@ -281,3 +281,38 @@ def test_full_queue_gets_429(lively_checkpoint, images):
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert rest[-1] == "data: [DONE]" and len(rest) > 10  # the running request went on to its end
     assert queued[0].status_code == 200  # the queued one waited for its turn
+
+
+def test_pruning_flags_reach_the_served_model(lively_checkpoint, images):
+    flags = ["--token_pruner", "fastv", "--fastv_k", "1", "--fastv_ratio", "0.25"]
+    with running_api(lively_checkpoint, *flags) as (base, server):
+        reply = client(base).chat.completions.create(model=server.model_id, max_tokens=8, temperature=0,
+                                                     messages=user_message(QUESTIONS[0], images[0]))
+        assert server.scheduler.model.pruning.steps[0].num_kept == 16
+        assert reply.choices[0].message.content == oracle(server, QUESTIONS[0], images[0], 8)  # pruned oracle
+    assert reply.usage.visual_tokens == 64 and reply.usage.visual_tokens_kept == 16
+
+
+def test_image_count_size_and_default_length_flags(lively_checkpoint, images):
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}
+                                        for png in images[:2]] + [{"type": "text", "text": "compare"}]}]
+    flags = ["--max_images", "2", "--default_max_tokens", "3", "--max_image_pixels", "5000"]
+    with running_api(lively_checkpoint, *flags) as (base, server):
+        reply = client(base).chat.completions.create(model=server.model_id, messages=two, temperature=0)
+        assert reply.usage.visual_tokens == 128 and reply.usage.completion_tokens <= 3
+        default_length = client(base).chat.completions.create(model=server.model_id, temperature=0,
+                                                              messages=user_message(QUESTIONS[0], images[0]))
+        assert default_length.choices[0].message.content == oracle(server, QUESTIONS[0], images[0], 3)
+        big = io.BytesIO()
+        Image.new("RGB", (80, 80), "red").save(big, format="PNG")  # 6400 pixels
+        refused = httpx.post(f"{base}/chat/completions", json={"messages": user_message("q", big.getvalue())},
+                             timeout=60)
+        assert refused.status_code == 400 and "80x80 pixels; the limit is 5000" in refused.json()["error"]["message"]
+    with running_api(lively_checkpoint, "--max_image_mb", "0.0001") as (base, server):
+        refused = httpx.post(f"{base}/chat/completions", json={"messages": user_message("q", images[0])}, timeout=60)
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "image_too_large"
+
+
+def test_api_binds_loopback_by_default():
+    args = parser().parse_args(["--model", "m"])
+    assert (args.host, args.port, args.api_key, args.max_batch_size) == ("127.0.0.1", 8000, None, 16)

@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from sparsevl.data.conversation import prompt_ids
-from sparsevl.serve.assistant import TextStream, UploadError, VisionAssistant, describe_expert_load, \
+from sparsevl.serve.answer_text import AnswerText
+from sparsevl.serve.assistant import UploadError, VisionAssistant, describe_expert_load, \
     kept_token_overlay, open_upload
 from sparsevl.serve.chat import ChatSession
 from sparsevl.serve.web import DemoHandlers, is_loopback, parser as serve_parser
@@ -44,17 +45,28 @@ def test_generate_streams_exactly_the_tokens_it_returns():
     assert seen[0].image_mask.sum(dim=1).tolist() == [model.num_image_tokens] * 2
 
 
-def test_text_stream_reassembles_the_answer_and_stops_at_eos(shapes_tokenizer):
+def test_answer_text_reassembles_the_answer_and_holds_back_split_characters(shapes_tokenizer):
     text = "a red circle and a blue square ü"
     ids = shapes_tokenizer(text, add_special_tokens=False).input_ids
     pieces = []
-    stream = TextStream(shapes_tokenizer, pieces.append)
-    for token in ids + [shapes_tokenizer.eos_token_id, ids[0]]:
-        stream.push(torch.tensor([token]))
+    answer = AnswerText(shapes_tokenizer)
+    for token in ids:
+        pieces.append(answer.push(token))
         assert not "".join(pieces).endswith("\ufffd")  # a split character is held back until complete
-    stream.flush()
-    assert "".join(pieces) == text
-    assert stream.ids == ids and stream.finished
+    pieces.append(answer.finish())
+    assert "".join(pieces) == text == answer.text
+    assert answer.ids == ids
+
+
+def test_sampled_answer_equals_generate_with_the_same_seed(assistant, image):
+    ids = prompt_ids("<image>\nwhat shape?", assistant.tokenizer)
+    pixels = assistant.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    for seed in (0, 1):
+        answer = assistant.ask(image, "what shape?", max_new_tokens=6, temperature=1.0, seed=seed)
+        expected = assistant.model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixels,
+                                            max_new_tokens=6, eos_token_id=assistant.tokenizer.eos_token_id,
+                                            temperature=1.0, generator=torch.Generator().manual_seed(seed))[0]
+        assert answer.token_ids == expected
 
 
 def test_answer_matches_plain_generate_and_reports_all_patches_kept(assistant, image):

@@ -119,7 +119,7 @@ def chunk(completion_id: str, model_id: str, delta: dict | None, finish_reason: 
 
 
 def build_app(server: ApiServer):
-    """The Starlette app (not started); the lifespan starts the scheduler and drains it on shutdown."""
+    """The Starlette app (not started); the lifespan drains the scheduler on shutdown."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -199,12 +199,10 @@ def build_server(args) -> ApiServer:
     from sparsevl.serve.assistant import VisionAssistant
 
     _check_limits(args)
-    assistant = VisionAssistant.load(args.model, args)
-    scheduler = Scheduler(assistant.model, assistant.tokenizer, max_batch_size=args.max_batch_size,
-                          max_queue=args.max_queue)
+    assistant = VisionAssistant.load(args.model, args, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     limits = Limits(max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20),
                     max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens)
-    return ApiServer(scheduler, assistant.image_processor, limits=limits, api_key=args.api_key,
+    return ApiServer(assistant.scheduler, assistant.image_processor, limits=limits, api_key=args.api_key,
                      model_id=args.model_name or Path(args.model).resolve().name,
                      max_body_bytes=int(args.max_body_mb * 2**20))
 

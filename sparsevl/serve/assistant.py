@@ -15,7 +15,9 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from sparsevl.data.conversation import IMAGE_TOKEN, prompt_ids
-from sparsevl.model.vlm import MultimodalInputs, SparseVLM
+from sparsevl.model.vlm import SparseVLM
+from sparsevl.serve.sampling import SamplingParams
+from sparsevl.serve.scheduler import Scheduler
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
@@ -61,58 +63,28 @@ class Answer:
     expert_load: dict[str, list[int]] | None  # MoE layer name -> tokens routed to each expert; None: dense model
 
 
-class TextStream:
-    """Token ids in, text pieces out: decodes the whole answer each step so multi-byte characters split over
-    tokens come out whole, and drops leading whitespace (as the final, stripped answer does)."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.text = ""
-        self.finished = False
-
-    def push(self, tokens: torch.Tensor) -> None:
-        """tokens: (1,) this step's token of the single sequence being generated."""
-        token = int(tokens[0])
-        if self.finished or token == self.tokenizer.eos_token_id:
-            self.finished = True
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd"):
-            return  # an incomplete character; wait for the next token
-        self._emit(text)
-
-    def flush(self) -> None:
-        """Emit what was held back (bytes that never formed a character decode to U+FFFD)."""
-        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip())
-
-    def _emit(self, text: str) -> None:
-        if not text.startswith(self.text):  # decoding one more token rewrote earlier text: keep what was shown
-            return
-        piece, self.text = text[len(self.text):], text
-        if piece and self.on_text is not None:
-            self.on_text(piece)
-
-
 class VisionAssistant:
-    """A checkpoint ready to answer: model, tokenizer, image processor; one generation at a time."""
+    """A checkpoint ready to answer: model, tokenizer, image processor, and the batching scheduler that runs
+    every generation (`scheduler`, shared with the API server)."""
 
-    def __init__(self, model: SparseVLM, tokenizer, image_processor, *, template: str = "chat"):
+    def __init__(self, model: SparseVLM, tokenizer, image_processor, *, template: str = "chat",
+                 max_batch_size: int = 16, max_queue: int = 64):
         self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
         self.template = template
-        self._lock = threading.Lock()  # generation is serialised: expert counters and CPU threads are shared
+        self.scheduler = Scheduler(self.model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue).start()
+        self._lock = threading.Lock()  # `ask` calls take turns, so each one's expert load is its own
 
     @classmethod
-    def load(cls, model_dir: str | Path, pruning_args=None) -> "VisionAssistant":
-        """Load a checkpoint; `pruning_args` (parsed `--token_pruner ...` flags) sets a pruning plan."""
+    def load(cls, model_dir: str | Path, pruning_args=None, **scheduler_options) -> "VisionAssistant":
+        """Load a checkpoint; `pruning_args` (parsed `--token_pruner ...` flags) sets a pruning plan;
+        `scheduler_options`: max_batch_size, max_queue."""
         from sparsevl.eval.run import load_for_inference
         from sparsevl.model.pruning import build_pruning_plan
 
-        assistant = cls(*load_for_inference(model_dir))
+        model, tokenizer, image_processor = load_for_inference(model_dir)
         if pruning_args is not None:
-            assistant.model.pruning = build_pruning_plan(pruning_args, assistant.model)
-        return assistant
+            model.pruning = build_pruning_plan(pruning_args, model)
+        return cls(model, tokenizer, image_processor, **scheduler_options)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -130,20 +102,15 @@ class VisionAssistant:
             raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self.prompt(question, history, max_new_tokens)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-        stream, seen = TextStream(self.tokenizer, on_text), {}
-        generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
         with self._lock:
             before = expert_token_counts(self.model)
-            tokens = self.model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixel_values,
-                                         max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                         temperature=temperature, generator=generator,
-                                         on_inputs=lambda inputs: seen.update(inputs=inputs), on_token=stream.push,
-                                         on_kept=lambda kept: seen.update(kept=kept))[0]
+            done = self.scheduler.generate(ids, pixel_values, params, on_text=on_text)
             load = expert_load_since(before, expert_token_counts(self.model))
-        stream.flush()
-        num_visual = int(seen["inputs"].image_mask[0].sum())
-        return Answer(text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), token_ids=tokens,
-                      num_visual_tokens=num_visual, kept_patches=kept_patches(self.model, seen["inputs"], seen.get("kept")),
+        if done.finish_reason == "error":
+            raise RuntimeError(done.error)
+        return Answer(text=done.text, token_ids=done.token_ids, num_visual_tokens=done.visual_tokens,
+                      kept_patches=kept_patches(self.model, done.visual_positions, done.kept_positions),
                       expert_load=load)
 
     def prompt(self, question: str, history: list[dict], max_new_tokens: int) -> list[int]:
@@ -165,19 +132,20 @@ class VisionAssistant:
             history = history[2:]
 
 
-def kept_patches(model: SparseVLM, inputs: MultimodalInputs, kept_index: torch.Tensor | None = None) -> list[int] | None:
-    """Patch indices behind the first image's visual tokens that the LLM's last layer saw: all patches without
-    pruning, the survivors' patches when `kept_index` (prompt positions kept inside the LLM) is given; None when
-    tokens do not map to patches (e.g. a Q-Former's queries, or pruning before the LLM)."""
+def kept_patches(model: SparseVLM, visual_positions: list[int], kept_positions: list[int] | None = None
+                 ) -> list[int] | None:
+    """Patch indices behind the image's visual tokens (at prompt `visual_positions`) that the LLM's last layer
+    saw: all patches without pruning, the survivors' patches when `kept_positions` (prompt positions kept
+    inside the LLM) is given; None when tokens do not map to patches (e.g. a Q-Former's queries, or pruning
+    before the LLM)."""
     tower = model.vision_tower
-    visual_positions = inputs.image_mask[0].nonzero().flatten().tolist()
     num_cls = len(visual_positions) - tower.num_patches
     if len(visual_positions) != tower.num_output_tokens or num_cls not in (0, 1):
         return None
-    if kept_index is None:
+    if kept_positions is None:
         return list(range(tower.num_patches))
     patch_at = {position: i - num_cls for i, position in enumerate(visual_positions) if i >= num_cls}
-    return sorted(patch_at[p] for p in kept_index[0].tolist() if p in patch_at)
+    return sorted(patch_at[p] for p in kept_positions if p in patch_at)
 
 
 def moe_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -82,7 +82,9 @@ class Scheduler:
         self.batch_sizes: list[int] = []  # rows decoded together at each step (read by tests and benchmarks)
 
     def start(self) -> "Scheduler":
-        self._thread.start()
+        """Start the decoding thread (once; later calls do nothing)."""
+        if self._thread.ident is None:
+            self._thread.start()
         return self
 
     def submit(self, request: GenerationRequest) -> None:
