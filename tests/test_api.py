@@ -271,7 +271,7 @@ def test_full_queue_gets_429(lively_checkpoint, images):
                 f"{base}/chat/completions", timeout=120, json={**body, "stream": False, "max_tokens": 2})))
             waiting.start()
             for _ in range(200):
-                if server.scheduler._queue.qsize() == 1:
+                if server.scheduler.num_waiting == 1:
                     break
                 threading.Event().wait(0.01)
             refused = httpx.post(f"{base}/chat/completions", json={**body, "stream": False}, timeout=60)
@@ -316,3 +316,9 @@ def test_image_count_size_and_default_length_flags(lively_checkpoint, images):
 def test_api_binds_loopback_by_default():
     args = parser().parse_args(["--model", "m"])
     assert (args.host, args.port, args.api_key, args.max_batch_size) == ("127.0.0.1", 8000, None, 16)
+
+
+def test_batch_wait_flag_reaches_the_scheduler(lively_checkpoint):
+    server = build_server(parser().parse_args(["--model", str(lively_checkpoint), "--batch_wait_ms", "35"]))
+    assert server.scheduler.batch_wait == 0.035
+    server.scheduler.close()

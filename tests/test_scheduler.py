@@ -211,3 +211,19 @@ def test_full_queue_is_refused_and_close_drains(loaded, prompts):
     assert all(isinstance(e, (Delta, Finished)) for e in events)
     with pytest.raises(RuntimeError, match="shutting down"):
         scheduler.submit(GenerationRequest(*prompts[0], SamplingParams(max_tokens=3), events.append))
+
+
+@pytest.mark.parametrize("wait_ms, prefills", [(0, [1, 1]), (3000, [2])])
+def test_batch_wait_gathers_requests_into_one_prefill(loaded, prompts, wait_ms, prefills):
+    model, tokenizer, _ = loaded
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, batch_wait_ms=wait_ms).start()
+    try:
+        first = threading.Thread(target=scheduler.generate, args=(*prompts[0], SamplingParams(max_tokens=2)))
+        first.start()
+        threading.Event().wait(0.5)  # the first request waits alone (or is done, without a wait)
+        second = scheduler.generate(*prompts[1], SamplingParams(max_tokens=2))
+        first.join(60)
+    finally:
+        scheduler.close()
+    assert scheduler.prefill_sizes == prefills
+    assert second.token_ids == alone(model, tokenizer, *prompts[1], 2)

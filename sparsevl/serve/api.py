@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer API_KEY` (401 otherwise)")
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond this get 429")
+    p.add_argument("--batch_wait_ms", type=float, default=20.0,
+                   help="a batch that is not full waits up to this long for more requests before its prefill")
     p.add_argument("--max_body_mb", type=float, default=20.0, help="largest request body in MB (413 beyond)")
     p.add_argument("--max_images", type=int, default=1, help="most images per request")
     p.add_argument("--max_image_mb", type=float, default=10.0, help="largest decoded image in MB")
@@ -199,7 +201,8 @@ def build_server(args) -> ApiServer:
     from sparsevl.serve.assistant import VisionAssistant
 
     _check_limits(args)
-    assistant = VisionAssistant.load(args.model, args, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    assistant = VisionAssistant.load(args.model, args, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                     batch_wait_ms=args.batch_wait_ms)
     limits = Limits(max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20),
                     max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens)
     return ApiServer(assistant.scheduler, assistant.image_processor, limits=limits, api_key=args.api_key,

@@ -67,17 +67,17 @@ class VisionAssistant:
     """A checkpoint ready to answer: model, tokenizer, image processor, and the batching scheduler that runs
     every generation (`scheduler`, shared with the API server)."""
 
-    def __init__(self, model: SparseVLM, tokenizer, image_processor, *, template: str = "chat",
-                 max_batch_size: int = 16, max_queue: int = 64):
+    def __init__(self, model: SparseVLM, tokenizer, image_processor, *, template: str = "chat", **scheduler_options):
+        """`scheduler_options`: the Scheduler's max_batch_size, max_queue, batch_wait_ms."""
         self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
         self.template = template
-        self.scheduler = Scheduler(self.model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue).start()
+        self.scheduler = Scheduler(self.model, tokenizer, **scheduler_options).start()
         self._lock = threading.Lock()  # `ask` calls take turns, so each one's expert load is its own
 
     @classmethod
     def load(cls, model_dir: str | Path, pruning_args=None, **scheduler_options) -> "VisionAssistant":
         """Load a checkpoint; `pruning_args` (parsed `--token_pruner ...` flags) sets a pruning plan;
-        `scheduler_options`: max_batch_size, max_queue."""
+        `scheduler_options` go to the Scheduler."""
         from sparsevl.eval.run import load_for_inference
         from sparsevl.model.pruning import build_pruning_plan
 

@@ -11,6 +11,8 @@ called on the scheduler thread.
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +54,7 @@ class GenerationRequest:
     params: SamplingParams
     on_event: Callable[[Delta | Finished], None]
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client to leave early
+    arrived: float = 0.0  # time.monotonic() when submitted
 
 
 class _Row:
@@ -71,15 +74,23 @@ class _Row:
 class Scheduler:
     """Decode queued requests in one thread; `submit` from any thread."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64):
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError(f"--max_batch_size and --max_queue must be >= 1, got {max_batch_size}, {max_queue}")
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
+                 batch_wait_ms: float = 0.0):
+        if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
+            raise ValueError(f"--max_batch_size and --max_queue must be >= 1 and --batch_wait_ms >= 0, got "
+                             f"{max_batch_size}, {max_queue}, {batch_wait_ms}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch_size = max_batch_size
-        self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
-        self._closing = threading.Event()
+        self.max_batch_size, self.max_queue, self.batch_wait = max_batch_size, max_queue, batch_wait_ms / 1000
+        self._waiting: deque[GenerationRequest] = deque()
+        self._changed = threading.Condition()  # guards _waiting and _closing; notified on submit and close
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="sparsevl-scheduler", daemon=True)
         self.batch_sizes: list[int] = []  # rows decoded together at each step (read by tests and benchmarks)
+        self.prefill_sizes: list[int] = []  # requests prefilled together, per prefill
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
 
     def start(self) -> "Scheduler":
         """Start the decoding thread (once; later calls do nothing)."""
@@ -88,17 +99,21 @@ class Scheduler:
         return self
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; QueueFull when the queue is full, RuntimeError once closing."""
-        if self._closing.is_set():
-            raise RuntimeError("the scheduler is shutting down")
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise QueueFull(f"the queue is full ({self._queue.maxsize} requests waiting)") from None
+        """Queue a request; QueueFull when `max_queue` requests wait already, RuntimeError once closing."""
+        with self._changed:
+            if self._closing:
+                raise RuntimeError("the scheduler is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            request.arrived = time.monotonic()
+            self._waiting.append(request)
+            self._changed.notify()
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued and running request, then stop the thread."""
-        self._closing.set()
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -135,26 +150,31 @@ class Scheduler:
                 running.clear()
 
     def _take(self, *, room: int, block: bool) -> list[GenerationRequest] | None:
-        """Up to `room` waiting requests; blocks while idle; None once closing with nothing left to do."""
-        taken = []
-        while len(taken) < room:
-            try:
-                request = self._queue.get(timeout=0.05) if block and not taken else self._queue.get_nowait()
-            except queue.Empty:
-                if block and not taken and not self._closing.is_set():
-                    continue
-                break
-            if request.cancelled.is_set():
-                _emit(request, Finished("", [], "cancelled"))
-                continue
-            taken.append(request)
-        if block and not taken and self._closing.is_set():
-            return None
-        return taken
+        """Up to `room` waiting requests, or none yet; blocks while idle; None once closing with nothing to do.
+
+        A batch that cannot be filled waits until its oldest request has waited `batch_wait` (meanwhile running
+        rows keep decoding): one prefill of many requests costs much less than many prefills of a few."""
+        with self._changed:
+            while block and not self._waiting and not self._closing:
+                self._changed.wait()
+            while len(self._waiting) < room and not self._closing and self._waiting:
+                left = self._waiting[0].arrived + self.batch_wait - time.monotonic()
+                if left <= 0:
+                    break
+                if not block:
+                    return []
+                self._changed.wait(left)
+            if block and not self._waiting:
+                return None
+            taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        for request in [r for r in taken if r.cancelled.is_set()]:
+            _emit(request, Finished("", [], "cancelled"))
+        return [r for r in taken if not r.cancelled.is_set()]
 
     def _admit(self, new: list[GenerationRequest], rows: DecodeRows | None, logits: torch.Tensor | None,
                running: list[_Row]) -> tuple[DecodeRows | None, torch.Tensor | None]:
         """Prefill `new` as one batch and append its rows to the running ones (or fail them, alone)."""
+        self.prefill_sizes.append(len(new))
         try:
             new_rows, new_logits, info = DecodeRows.prefill(self.model, *self._prompt_batch(new))
         except Exception as error:
