@@ -213,17 +213,16 @@ def test_full_queue_is_refused_and_close_drains(loaded, prompts):
         scheduler.submit(GenerationRequest(*prompts[0], SamplingParams(max_tokens=3), events.append))
 
 
-@pytest.mark.parametrize("wait_ms, prefills", [(0, [1, 1]), (3000, [2])])
-def test_batch_wait_gathers_requests_into_one_prefill(loaded, prompts, wait_ms, prefills):
+def test_batch_wait_holds_arrivals_while_rows_run_but_never_an_idle_scheduler(loaded, prompts):
     model, tokenizer, _ = loaded
-    scheduler = Scheduler(model, tokenizer, max_batch_size=4, batch_wait_ms=wait_ms).start()
-    try:
-        first = threading.Thread(target=scheduler.generate, args=(*prompts[0], SamplingParams(max_tokens=2)))
-        first.start()
-        threading.Event().wait(0.5)  # the first request waits alone (or is done, without a wait)
-        second = scheduler.generate(*prompts[1], SamplingParams(max_tokens=2))
-        first.join(60)
-    finally:
-        scheduler.close()
-    assert scheduler.prefill_sizes == prefills
-    assert second.token_ids == alone(model, tokenizer, *prompts[1], 2)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, batch_wait_ms=60_000)  # not started: _take by hand
+    for ids, pixels in prompts[:2]:
+        scheduler.submit(GenerationRequest(ids, pixels, SamplingParams(max_tokens=2), lambda event: None))
+    assert scheduler._take(room=3, block=False) == []  # rows running, 2 waiting of 3 places: wait for more
+    assert len(scheduler._take(room=4, block=True)) == 2  # idle: start at once
+    for ids, pixels in prompts[:2]:
+        scheduler.submit(GenerationRequest(ids, pixels, SamplingParams(max_tokens=2), lambda event: None))
+    assert len(scheduler._take(room=2, block=False)) == 2  # they fill the batch: join now
+    no_wait = Scheduler(model, tokenizer, max_batch_size=4, batch_wait_ms=0)
+    no_wait.submit(GenerationRequest(*prompts[0], SamplingParams(max_tokens=2), lambda event: None))
+    assert len(no_wait._take(room=3, block=False)) == 1

@@ -30,8 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer API_KEY` (401 otherwise)")
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond this get 429")
-    p.add_argument("--batch_wait_ms", type=float, default=20.0,
-                   help="a batch that is not full waits up to this long for more requests before its prefill")
+    p.add_argument("--batch_wait_ms", type=float, default=50.0,
+                   help="while rows decode, arrivals that cannot fill the batch wait up to this long to be "
+                        "prefilled together (an idle server starts at once)")
     p.add_argument("--max_body_mb", type=float, default=20.0, help="largest request body in MB (413 beyond)")
     p.add_argument("--max_images", type=int, default=1, help="most images per request")
     p.add_argument("--max_image_mb", type=float, default=10.0, help="largest decoded image in MB")

@@ -150,22 +150,19 @@ class Scheduler:
                 running.clear()
 
     def _take(self, *, room: int, block: bool) -> list[GenerationRequest] | None:
-        """Up to `room` waiting requests, or none yet; blocks while idle; None once closing with nothing to do.
+        """Up to `room` waiting requests; blocks while idle; None once closing with nothing left to do.
 
-        A batch that cannot be filled waits until its oldest request has waited `batch_wait` (meanwhile running
-        rows keep decoding): one prefill of many requests costs much less than many prefills of a few."""
+        An idle scheduler takes what waits at once. While rows run (`block` False), waiting requests join only
+        when they fill the batch or the oldest has waited `batch_wait` (meanwhile the rows keep decoding):
+        one prefill of many requests costs much less than many prefills of a few."""
         with self._changed:
             while block and not self._waiting and not self._closing:
                 self._changed.wait()
-            while len(self._waiting) < room and not self._closing and self._waiting:
-                left = self._waiting[0].arrived + self.batch_wait - time.monotonic()
-                if left <= 0:
-                    break
-                if not block:
-                    return []
-                self._changed.wait(left)
             if block and not self._waiting:
                 return None
+            if (not block and len(self._waiting) < room and not self._closing and self._waiting
+                    and time.monotonic() - self._waiting[0].arrived < self.batch_wait):
+                return []
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         for request in [r for r in taken if r.cancelled.is_set()]:
             _emit(request, Finished("", [], "cancelled"))
