@@ -140,7 +140,7 @@ def test_concurrent_clients_are_batched_and_answer_as_one_at_a_time(api, images)
     for thread in threads:
         thread.join(120)
     assert answers == [oracle(server, q, png, 6 + 2 * i) for i, (q, png) in enumerate(zip(QUESTIONS, images))]
-    assert 1 < max(server.scheduler.batch_sizes[start:]) <= 4
+    assert 1 < max(list(server.scheduler.batch_sizes)[start:]) <= 4
 
 
 def test_sampling_follows_the_seed(api, images):

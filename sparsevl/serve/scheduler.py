@@ -85,8 +85,9 @@ class Scheduler:
         self._changed = threading.Condition()  # guards _waiting and _closing; notified on submit and close
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="sparsevl-scheduler", daemon=True)
-        self.batch_sizes: list[int] = []  # rows decoded together at each step (read by tests and benchmarks)
-        self.prefill_sizes: list[int] = []  # requests prefilled together, per prefill
+        # recent history, read by tests and benchmarks: rows decoded together per step, requests per prefill
+        self.batch_sizes: deque[int] = deque(maxlen=100_000)
+        self.prefill_sizes: deque[int] = deque(maxlen=100_000)
 
     @property
     def num_waiting(self) -> int:
@@ -152,15 +153,15 @@ class Scheduler:
     def _take(self, *, room: int, block: bool) -> list[GenerationRequest] | None:
         """Up to `room` waiting requests; blocks while idle; None once closing with nothing left to do.
 
-        An idle scheduler takes what waits at once. While rows run (`block` False), waiting requests join only
-        when they fill the batch or the oldest has waited `batch_wait` (meanwhile the rows keep decoding):
-        one prefill of many requests costs much less than many prefills of a few."""
+        An idle scheduler takes what waits at once. While rows run (`block` False), waiting requests join once
+        the oldest has waited `batch_wait` (meanwhile the rows keep decoding, and short answers often finish
+        first, leaving the scheduler idle): one prefill of many requests costs much less than many of a few."""
         with self._changed:
             while block and not self._waiting and not self._closing:
                 self._changed.wait()
             if block and not self._waiting:
                 return None
-            if (not block and len(self._waiting) < room and not self._closing and self._waiting
+            if (not block and not self._closing and self._waiting
                     and time.monotonic() - self._waiting[0].arrived < self.batch_wait):
                 return []
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
@@ -200,8 +201,9 @@ class Scheduler:
                      ) -> tuple[DecodeRows | None, torch.Tensor | None]:
         """Every row takes its next token; finished rows leave; the rest run one step."""
         tokens, staying = [], []
+        greedy = logits.argmax(-1).tolist()  # one call for all rows; sampled rows draw their own below
         for i, row in enumerate(running):
-            token = next_token(logits[i], row.params, row.generator)
+            token = greedy[i] if row.params.temperature == 0 else next_token(logits[i], row.params, row.generator)
             finish_reason = self._advance(row, token)
             if finish_reason is None:
                 tokens.append(token)
