@@ -3,9 +3,10 @@ against the same questions sent one at a time, for the plain model and with a pr
 
 Each setting starts its own `sparsevl api` process (127.0.0.1, a free port), warms it up, then times the
 questions one at a time and from --clients concurrent clients (asyncio tasks, each with its own
-`openai.AsyncOpenAI` client; greedy, max_tokens = --max_new_tokens). It prints requests/s, the ratio, p50/p95 latency, and how many
-answers equal `sparsevl eval`'s greedy answers (the same generation code, batched by eval's own batcher).
-The last line is the plain setting's ratio.
+`openai.AsyncOpenAI` client; greedy, max_tokens = --max_new_tokens). It prints requests/s, the ratio,
+p50/p95 latency, how many answers equal `sparsevl eval`'s greedy answers (the same generation code, batched
+by eval's own batcher), and the server process's CPU time per request in both modes, a figure that depends
+less than wall-clock time on other jobs sharing the machine. The last line is the plain setting's ratio.
 
     python -m benchmarks.api_load --model runs/demo/finetune --data runs/demo/data/test_qa.json
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,9 +129,13 @@ def measure(args, name: str, flags: list[str], records: list[dict]) -> float:
     process, base = start_server(args.model, flags, args.clients)
     try:
         model_id = Path(args.model).resolve().name
+        server_cpu = lambda: sum(psutil.Process(process.pid).cpu_times()[:2])  # noqa: E731 (user + system s)
         run_load(base, model_id, records[: args.clients], args.clients, args.max_new_tokens)  # warm-up
+        before = server_cpu()
         serial, serial_lat, serial_s = run_load(base, model_id, records, 1, args.max_new_tokens)
+        middle = server_cpu()
         together, lat, together_s = run_load(base, model_id, records, args.clients, args.max_new_tokens)
+        cpu_ms = [(middle - before) * 1000 / len(records), (server_cpu() - middle) * 1000 / len(records)]
     finally:
         process.terminate()
         process.wait(60)
@@ -141,6 +147,8 @@ def measure(args, name: str, flags: list[str], records: list[dict]) -> float:
           f"{percentile(lat, 50):.3f} s p95 {percentile(lat, 95):.3f} s")
     print(f"  answers equal to sparsevl eval's: one at a time {sum(a == e for a, e in zip(serial, expected))}"
           f"/{len(records)}, concurrent {sum(a == e for a, e in zip(together, expected))}/{len(records)}")
+    print(f"  server CPU per request: one at a time {cpu_ms[0]:.1f} ms, {args.clients} clients {cpu_ms[1]:.1f} ms "
+          f"({cpu_ms[0] / cpu_ms[1]:.2f}x less)")
     print(f"  speed-up: {ratio:.2f}x", flush=True)
     return ratio
 
