@@ -58,7 +58,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(lively_checkpoint, sh
                 time.sleep(0.2)
         body = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "stream": True, "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {
-                "url": "data:image/png;base64," + base64.b64encode(png).decode()}}, {"type": "text", "text": question}]}]}
+                "url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                {"type": "text", "text": question}]}]}
         with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as response:
             lines = response.iter_lines()
             first = next(lines)
