@@ -68,16 +68,33 @@ class ModelArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
     token_pruner: str = field(default="none", metadata={"help": (
-        "Visual-token pruner: none, sparsevlm (text-guided), fastv, random, or cls_attention (before the LLM).")})
+        "Visual-token pruner: none, sparsevlm (SparseVLM v1.5's rule), sparsevlm_weighted (this project's variant), "
+        "fastv (FastV), random, cls_attention or visionzip (VisionZip; both before the LLM). README: Token pruning.")})
     pruning_layers: str = field(default="", metadata={"help": (
-        "Comma-separated LLM layers before which visual tokens are dropped, increasing (e.g. 2,6,15).")})
+        "Comma-separated, increasing; each pruner's own meaning: sparsevlm: layers whose *output* is pruned (they run "
+        "on all tokens and their attention decides; the paper's 2,6,15); fastv: K, the first layer on the kept tokens "
+        "(layer K-1's attention decides); sparsevlm_weighted/random: layers before which tokens drop (sparsevlm_"
+        "weighted ranks with that layer's own attention).")})
     retained_tokens: str = field(default="", metadata={"help": (
-        "Visual tokens kept per image at each pruning layer, decreasing: counts (192,128,96) or ratios (0.25).")})
-    fastv_k: int | None = field(default=None, metadata={"help": "fastv: prune before this layer (default 2)."})
+        "Visual tokens kept per image at each pruning layer, decreasing: counts (192,128,96) or ratios (0.25); "
+        "sparsevlm's recycled tokens come on top.")})
+    fastv_k: int | None = field(default=None, metadata={"help": (
+        "fastv: K, the first layer on the kept tokens; layer K-1's attention decides (default 2).")})
     fastv_ratio: float | None = field(default=None, metadata={"help": (
-        "fastv: fraction of visual tokens kept (default 0.5).")})
+        "fastv: R, the fraction of visual tokens pruned; round(N(1-R)) are kept (default 0.5).")})
     num_recycled_tokens: int = field(default=0, metadata={"help": (
-        "sparsevlm: pruned tokens aggregated into this many tokens per image (inside the retained budget).")})
+        "sparsevlm_weighted: pruned tokens pooled into this many tokens per image (inside the retained budget).")})
+    sparsevlm_budget: int | None = field(default=None, metadata={"help": (
+        "sparsevlm: the paper's budget 192, 128 or 64 (average visual tokens over LLaVA-1.5-7B's 32 layers): its "
+        "stage table (prune outputs of layers 2,6,15 to 300/200/110, 303/110/36 or 66/30/17 of 576 tokens) scaled "
+        "to this model: layer round((l+1) x layers/32) - 1, count round(c x visual tokens/576).")})
+    sparsevlm_recycling: str = field(default="", metadata={"help": (
+        "sparsevlm: on (default; v1.5) or off. On: the top 30% (+1) of each stage's dropped tokens are clustered "
+        "(DPC-kNN) into floor(n/10)+1 averaged tokens appended after the kept visual tokens.")})
+    dominant: int | None = field(default=None, metadata={"help": (
+        "visionzip: dominant patches kept by [CLS] attention (the [CLS] token is kept too; paper: 54, 108, 162).")})
+    contextual: int | None = field(default=None, metadata={"help": (
+        "visionzip: contextual tokens merged from the rest (paper: 10, 20, 30).")})
     use_adaptive_layer_selection: bool = field(default=False, metadata={"help": (
         "A small classifier picks, per image, which vision layer feeds the projector (instead of "
         "--mm_vision_select_layer). Training tries the classifier's --top_k_layers layers and teaches it the best "

@@ -71,20 +71,17 @@ def eager_attention(model, inputs, layer):
     return out.attentions[layer]
 
 
-def reference_top_k(attention, context, row, num_kept, pruner):
-    """Kept visual positions of one row, straight from the definitions in sparsevl.model.pruning's docstring."""
+def reference_top_k(attention, context, row, num_kept):
+    """sparsevlm_weighted's kept visual positions of one row, from its definition in sparsevl.model.pruning."""
     probs = attention[row].mean(0)  # (seq, seq), head-averaged
     visual = context.image_mask[row].nonzero().flatten()
     candidates = context.rater_mask[row].nonzero().flatten()
-    if pruner == "fastv":
-        scores = probs[candidates[-1], visual]
-    else:
-        to_vision = probs[candidates][:, visual]  # (raters, visual)
-        scores = (to_vision.sum(-1, keepdim=True) * to_vision).sum(0)  # raters weighted by attention to vision
+    to_vision = probs[candidates][:, visual]  # (raters, visual)
+    scores = (to_vision.sum(-1, keepdim=True) * to_vision).sum(0)  # raters weighted by attention to vision
     return set(visual[scores.topk(num_kept).indices].tolist())
 
 
-@pytest.mark.parametrize("pruner", ["sparsevlm", "fastv"])
+@pytest.mark.parametrize("pruner", ["sparsevlm_weighted"])
 @pytest.mark.parametrize("llm", ["tiny-qwen3", "tiny-llama"])
 def test_kept_tokens_are_the_top_k_of_eager_attention(pruner, llm):
     model, _ = make_model(llm)
@@ -99,7 +96,7 @@ def test_kept_tokens_are_the_top_k_of_eager_attention(pruner, llm):
     for row in range(len(ROWS)):
         kept = out.kept_index[row][out.kept_mask[row]]
         kept_visual = set(kept[inputs.image_mask[row, kept]].tolist())
-        assert kept_visual == reference_top_k(attention, context, row, num_kept, pruner)
+        assert kept_visual == reference_top_k(attention, context, row, num_kept)
         text = (inputs.attention_mask[row].bool() & ~inputs.image_mask[row]).nonzero().flatten()
         assert set(text.tolist()) <= set(kept.tolist())  # text is never dropped
 
@@ -108,7 +105,7 @@ def test_kept_tokens_keep_their_original_position_ids():
     """Pruning before layer 0 must equal the plain LLM on the kept tokens at their original positions."""
     model, _ = make_model("tiny-qwen3")
     ids, mask, _, inputs = merged(model)
-    plan = PruningPlan("sparsevlm", (PruningStep(0, 7),))
+    plan = PruningPlan("sparsevlm_weighted", (PruningStep(0, 7),))
     out = decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, plan=plan,
                           context=model.pruning_context(ids, mask, inputs))
     for row in range(len(ROWS)):
@@ -192,7 +189,7 @@ def test_recycling_keeps_the_budget_and_changes_only_what_recycled_tokens_carry(
     model, _ = make_model("tiny-qwen3")
     ids, mask, _, inputs = merged(model)
     context = model.pruning_context(ids, mask, inputs)
-    plans = [PruningPlan("sparsevlm", (PruningStep(1, 12),), num_recycled=n) for n in (0, 3)]
+    plans = [PruningPlan("sparsevlm_weighted", (PruningStep(1, 12),), num_recycled=n) for n in (0, 3)]
     outs = [decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, plan=plan,
                             context=context) for plan in plans]
     assert torch.equal(outs[0].kept_index, outs[1].kept_index)  # centers are the next-best tokens: same budget
@@ -266,32 +263,47 @@ def test_prefill_flops_follow_the_schedule():
 
 def plan_args(**values):
     defaults = dict(token_pruner="sparsevlm", pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
-                    num_recycled_tokens=0)
+                    num_recycled_tokens=0, sparsevlm_budget=None, sparsevlm_recycling="", dominant=None,
+                    contextual=None)
     return SimpleNamespace(**{**defaults, **values})
 
 
 def test_schedules_resolve_counts_and_ratios():
     model, _ = make_model("tiny-qwen3")
-    plan = build_pruning_plan(plan_args(pruning_layers="1,3", retained_tokens="0.5,8"), model)
-    assert plan.steps == (PruningStep(1, 32), PruningStep(3, 8))
+    plan = build_pruning_plan(plan_args(pruning_layers="0,2", retained_tokens="0.5,8"), model)
+    assert plan.steps == (PruningStep(1, 32), PruningStep(3, 8)) and plan.recycle  # outputs of layers 0 and 2
+    plan = build_pruning_plan(plan_args(token_pruner="sparsevlm_weighted", pruning_layers="1,3",
+                                        retained_tokens="0.5,8"), model)
+    assert plan.steps == (PruningStep(1, 32), PruningStep(3, 8)) and not plan.recycle  # before layers 1 and 3
     assert build_pruning_plan(plan_args(token_pruner="fastv"), model).steps == (PruningStep(2, 32),)
     assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_k=1, fastv_ratio=0.25), model).steps == (
-        PruningStep(1, 16),)
+        PruningStep(1, 48),)  # R is the fraction pruned: round(64 x 0.75) kept
     assert build_pruning_plan(plan_args(token_pruner="none"), model) is None
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(pruning_layers="1,3", retained_tokens="8,16"), "--retained_tokens .* strictly decreasing"),
-    (dict(pruning_layers="3,1", retained_tokens="16,8"), "--pruning_layers .* strictly increasing"),
-    (dict(pruning_layers="1,4", retained_tokens="16,8"), "--pruning_layers: layer 4 is beyond the LLM's 4 layers"),
+    (dict(pruning_layers="0,2", retained_tokens="8,16"), "--retained_tokens .* strictly decreasing"),
+    (dict(pruning_layers="2,0", retained_tokens="16,8"), r"--pruning_layers \[2, 0\] must be strictly increasing"),
+    (dict(pruning_layers="1,3", retained_tokens="16,8"),
+     r"--pruning_layers: layer 3 is outside the LLM's 4 layers for --token_pruner sparsevlm \(valid: 0..2\)"),
+    (dict(token_pruner="fastv", pruning_layers="0", retained_tokens="8"), r"layer 0 is outside .* \(valid: 1..3\)"),
     (dict(pruning_layers="1", retained_tokens="65"), "--retained_tokens: keeping 65 visual tokens .* 64 per image"),
     (dict(pruning_layers="1", retained_tokens="1.5"), "--retained_tokens: 1.5 is neither"),
     (dict(pruning_layers="1,2", retained_tokens="16"), "--pruning_layers has 2 values but --retained_tokens has 1"),
     (dict(pruning_layers="1"), "needs --pruning_layers and --retained_tokens"),
     (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown"),
-    (dict(token_pruner="none", retained_tokens="8"), "--token_pruner is none"),
-    (dict(fastv_k=2), "--fastv_k/--fastv_ratio apply to --token_pruner fastv"),
-    (dict(pruning_layers="1", retained_tokens="4", num_recycled_tokens=4), "--num_recycled_tokens 4 must be fewer"),
+    (dict(token_pruner="none", retained_tokens="8"), "--retained_tokens applies to .*, not none"),
+    (dict(fastv_k=2), "--fastv_k applies to --token_pruner fastv, not sparsevlm"),
+    (dict(num_recycled_tokens=2, pruning_layers="1", retained_tokens="4"), "--num_recycled_tokens applies to"),
+    (dict(token_pruner="sparsevlm_weighted", pruning_layers="1", retained_tokens="4", num_recycled_tokens=4),
+     "--num_recycled_tokens 4 must be fewer"),
+    (dict(sparsevlm_budget=100), r"--sparsevlm_budget 100: choose from \[64, 128, 192\]"),
+    (dict(sparsevlm_budget=64, pruning_layers="1", retained_tokens="4"), "give either"),
+    (dict(sparsevlm_recycling="yes", pruning_layers="1", retained_tokens="4"), "--sparsevlm_recycling 'yes'"),
+    (dict(token_pruner="fastv", sparsevlm_recycling="off"), "--sparsevlm_recycling applies to"),
+    (dict(token_pruner="visionzip", dominant=8), "needs --dominant and --contextual"),
+    (dict(token_pruner="visionzip", dominant=60, contextual=4), "dominant \\+ contextual < the tower's 64"),
+    (dict(token_pruner="random", dominant=6), "--dominant applies to --token_pruner visionzip, not random"),
 ])
 def test_bad_schedules_are_clear_errors(values, message):
     model, _ = make_model("tiny-qwen3")

@@ -52,7 +52,7 @@ def test_eval_accepts_pruning_flags_and_names_bad_ones(checkpoint, shapes_dir, t
               "--max_new_tokens", "2", "--out", str(tmp_path / "eval")]
     assert sparsevl(common + ["--token_pruner", "sparsevlm", "--pruning_layers", "1", "--retained_tokens", "0.25"]) == 0
     assert sparsevl(common + ["--token_pruner", "sparsevlm", "--pruning_layers", "9", "--retained_tokens", "8"]) == 2
-    assert "--pruning_layers: layer 9 is beyond" in capsys.readouterr().err
+    assert "--pruning_layers: layer 9 is outside" in capsys.readouterr().err
 
 
 def test_sparse_distill_trains_the_pruned_student_with_the_alignment_loss(checkpoint, shapes_dir, shapes_tokenizer,

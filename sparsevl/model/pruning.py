@@ -1,39 +1,56 @@
 """Visual-token pruners: which visual tokens survive, and when.
 
-A `PruningPlan` names a pruner and a schedule of `PruningStep`s. A step at layer L drops visual tokens
-*before* decoder layer L runs, ranked by scores computed from layer L's own input: for the attention
-pruners, layer L's q/k projections applied to the few query rows they need (so the layers themselves
-keep running SDPA). `cls_attention` prunes before the LLM instead, from the vision tower.
+A `PruningPlan` names a pruner and a schedule of `PruningStep`s; a step's `layer` is the first decoder layer
+that runs on the kept tokens. Each pruner is a `PrunerRule` (scorer, which layer's attention decides, merge
+rule). Attention scores come from a layer's own q/k projections applied to the few query rows a scorer needs
+(so the layers themselves keep running SDPA). Kept tokens keep their original position ids.
 
-Pruners (exact names, `--token_pruner`):
-  sparsevlm      text-guided: raters are the instruction tokens (after the image, not answer tokens); a visual
-                 token's score is their (head-averaged) attention to it, each rater weighted by its own total
-                 attention to vision, so the tokens that look at the image decide. Optionally recycles the best
-                 pruned tokens into `--num_recycled_tokens` aggregated tokens per image (inside the budget).
-  fastv          attention from the last instruction token (FastV), at layer `--fastv_k`, keeping `--fastv_ratio`.
-  random         a seeded random ranking of positions (the baseline).
-  cls_attention  before the LLM: the vision tower's [CLS] attention to patches in the layer whose output is
-                 projected (`--mm_vision_select_layer`), from that layer's q/k.
-A prompt with an image but no instruction token after it cannot be rated: sparsevlm and fastv raise an
-error naming `--token_pruner` (use `random` or `cls_attention` for such prompts).
+Pruners (exact names, `--token_pruner`), and what `--pruning_layers` means for each:
+  sparsevlm           SparseVLM (v1.5 code). Raters are chosen once, before layer 0, from the merged input
+                      embeddings: for the visual embeddings V and the instruction embeddings T after the image,
+                      r = mean over V of softmax over T of V·Tᵀ; raters = text tokens with r above the mean of r.
+                      At a pruning layer l (`--pruning_layers l`), layer l runs on all tokens; a visual token's
+                      score is its attention probability from the raters (head- and rater-averaged) in layer l;
+                      layer l's output is pruned. `--sparsevlm_recycling on` (default): of a stage's dropped
+                      tokens the top 30% (+1) by score are clustered (DPC-kNN) into floor(n/10)+1 averaged tokens,
+                      appended after the kept visual tokens (so a stage holds keep + clusters visual tokens).
+  sparsevlm_weighted  this project's variant: tokens drop *before* layer L (`--pruning_layers L`), ranked with
+                      layer L's own attention on its input, every instruction token rating, each weighted by its
+                      total attention to vision; `--num_recycled_tokens` pools inside the budget.
+  fastv               FastV (K, R): `--pruning_layers K` (or `--fastv_k`): layer K-1's attention, head-averaged,
+                      from the last prompt token decides; layers K.. run on the kept round(N(1-R)) tokens.
+  random              a seeded random ranking; tokens drop before layer L (`--pruning_layers L`).
+  cls_attention       before the LLM: the vision tower's [CLS] attention (head-averaged) to patches in the
+                      projected layer; VisionZip's dominant half without the [CLS] token itself.
+  visionzip           VisionZip before the LLM: [CLS] + `--dominant` patches by [CLS] attention (summed over
+                      heads) in the projected vision layer (-2 in the paper), plus `--contextual` merged tokens.
+A prompt with an image but no instruction token after it cannot be rated: sparsevlm, sparsevlm_weighted and
+fastv raise an error naming `--token_pruner` (use `random`, `cls_attention` or `visionzip` for such prompts).
 """
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-PRUNERS = ("none", "sparsevlm", "fastv", "random", "cls_attention")
-FASTV_DEFAULT_K, FASTV_DEFAULT_RATIO = 2, 0.5
+from sparsevl.model.merging import recycled_tokens, visionzip_merge
+
+PRUNERS = ("none", "sparsevlm", "sparsevlm_weighted", "fastv", "random", "cls_attention", "visionzip")
+BEFORE_LLM = ("cls_attention", "visionzip")
+FASTV_DEFAULT_K, FASTV_DEFAULT_R = 2, 0.5
 RANDOM_TABLE_SIZE = 4096  # random scores are a fixed table indexed by position, so reruns rank alike
+# SparseVLM's budgets: average visual tokens over LLaVA-1.5-7B's 32 layers, from 576, by a stage table
+SPARSEVLM_PAPER_LAYERS, SPARSEVLM_PAPER_TOKENS = 32, 576
+SPARSEVLM_LOCATIONS = (2, 6, 15)  # layers whose outputs are pruned
+SPARSEVLM_STAGES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
 
 
 @dataclass(frozen=True)
 class PruningStep:
-    layer: int  # decoder layer before which tokens are dropped (0 = before the first layer)
-    num_kept: int  # visual tokens kept per image from this layer on
+    layer: int  # first decoder layer that runs on the kept tokens
+    num_kept: int  # visual tokens kept per image from this layer on (recycled ones come on top)
 
 
 @dataclass(frozen=True)
@@ -41,8 +58,22 @@ class PruningPlan:
     pruner: str
     steps: tuple[PruningStep, ...] = ()  # in-LLM steps, layers increasing, counts decreasing
     num_kept_patches: int | None = None  # cls_attention: patches kept per image before the LLM
-    num_recycled: int = 0  # sparsevlm: aggregated tokens per image made from pruned ones
+    num_recycled: int = 0  # sparsevlm_weighted: pooled tokens per image made from pruned ones (inside the budget)
+    recycle: bool = False  # sparsevlm: v1.5 recycling (clusters appended after the kept visual tokens)
+    dominant: int = 0  # visionzip: dominant patches (plus the [CLS] token)
+    contextual: int = 0  # visionzip: contextual (merged) tokens
     seed: int = 0  # random pruner
+
+    @property
+    def before_llm(self) -> bool:
+        return self.pruner in BEFORE_LLM
+
+    @property
+    def tokens_entering_llm(self) -> int | None:
+        """Visual tokens per image out of a before-LLM pruner; None for in-LLM pruners."""
+        if self.pruner == "visionzip":
+            return 1 + self.dominant + self.contextual
+        return self.num_kept_patches
 
 
 @dataclass
@@ -63,11 +94,19 @@ class PruningContext:
         return PruningContext(torch.cat([self.image_mask, pad], 1), torch.cat([self.rater_mask, pad], 1),
                               self.images_per_row)
 
+    def appended(self, count: int) -> "PruningContext":
+        """Extend on the right with `count` visual tokens that do not rate (recycled clusters)."""
+        ones = self.image_mask.new_ones(len(self.image_mask), count)
+        return PruningContext(torch.cat([self.image_mask, ones], 1), torch.cat([self.rater_mask, ~ones], 1),
+                              self.images_per_row)
+
 
 @dataclass
 class KeptTokens:
-    hidden: torch.Tensor  # (batch, seq, dim): the input, with recycled tokens aggregated in place
+    hidden: torch.Tensor  # (batch, seq, dim): the layer's tokens (sparsevlm_weighted pools in place)
     mask: torch.Tensor  # (batch, seq) True where the token stays
+    appended: torch.Tensor | None = None  # (batch, clusters, dim): recycled tokens, after the kept visual tokens
+    appended_valid: torch.Tensor | None = None  # (batch, clusters)
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -89,73 +128,132 @@ def resolve_count(value: float, tokens_per_image: int, flag: str) -> int:
     return count
 
 
+def sparsevlm_schedule(budget: int, *, num_layers: int, num_visual: int) -> tuple[list[int], list[int]]:
+    """SparseVLM's stage table for `budget` scaled to a model: (pruned layers l, visual tokens kept per image).
+
+    The paper prunes the outputs of layers 2, 6, 15 of 32 (3, 7 and 16 layers run before each stage); here stage i
+    prunes the output of layer round((l_i + 1) * num_layers / 32) - 1 (kept increasing), and keeps
+    round(count * num_visual / 576) tokens (at least 1, each fewer than the stage before, as the official
+    min(count, tokens - 1)). At 32 layers and 576 tokens this is the paper's table exactly.
+    """
+    if budget not in SPARSEVLM_STAGES:
+        raise ValueError(f"--sparsevlm_budget {budget}: choose from {sorted(SPARSEVLM_STAGES)} (the paper's budgets)")
+    layers, counts, previous_layer, previous_count = [], [], -1, num_visual
+    for location, count in zip(SPARSEVLM_LOCATIONS, SPARSEVLM_STAGES[budget]):
+        previous_layer = max(previous_layer + 1, round((location + 1) * num_layers / SPARSEVLM_PAPER_LAYERS) - 1)
+        previous_count = max(1, min(round(count * num_visual / SPARSEVLM_PAPER_TOKENS), previous_count - 1))
+        layers.append(previous_layer)
+        counts.append(previous_count)
+    if layers[-1] > num_layers - 2 or counts[-1] < 1 or num_visual < 4:
+        raise ValueError(f"--sparsevlm_budget {budget}: a model with {num_layers} LLM layers and {num_visual} visual "
+                         "tokens is too small for three stages (needs >= 4 layers and >= 4 visual tokens)")
+    return layers, counts
+
+
 def build_pruning_plan(args, model) -> PruningPlan | None:
     """The plan named by the model arguments' pruning flags, validated against `model`; None for `none`."""
     pruner = args.token_pruner
     if pruner not in PRUNERS:
         raise ValueError(f"--token_pruner {pruner!r} is unknown; choose from: {', '.join(PRUNERS)}")
-    layers = [int(v) for v in parse_schedule(args.pruning_layers, "--pruning_layers")]
-    counts = parse_schedule(args.retained_tokens, "--retained_tokens")
-    fastv_set = args.fastv_k is not None or args.fastv_ratio is not None
-    _reject_unused(pruner, layers, counts, fastv_set, args.num_recycled_tokens)
+    _reject_unused(args)
     if pruner == "none":
         return None
     tokens = model.num_projected_tokens  # not num_image_tokens: a plan already set must not shrink the budget
-    if pruner == "cls_attention":
-        return _cls_attention_plan(model, counts, tokens)
-    if pruner == "fastv" and not layers:
+    if pruner in BEFORE_LLM:
+        return _before_llm_plan(args, model, tokens)
+    num_layers = _num_llm_layers(model)
+    if args.sparsevlm_budget is not None:
+        layers, num_kept = sparsevlm_schedule(args.sparsevlm_budget, num_layers=num_layers, num_visual=tokens)
+    elif pruner == "fastv" and not args.pruning_layers:
         layers = [FASTV_DEFAULT_K if args.fastv_k is None else args.fastv_k]
-        ratio = FASTV_DEFAULT_RATIO if args.fastv_ratio is None else args.fastv_ratio
-        if not 0 < ratio <= 1:
-            raise ValueError(f"--fastv_ratio {ratio} must be in (0, 1] (the fraction of visual tokens kept)")
-        num_kept = [max(1, round(ratio * tokens))]
+        ratio = FASTV_DEFAULT_R if args.fastv_ratio is None else args.fastv_ratio
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--fastv_ratio {ratio} must be in [0, 1) (R: the fraction of visual tokens pruned)")
+        num_kept = [max(1, round(tokens * (1 - ratio)))]
     else:
-        num_kept = [resolve_count(c, tokens, "--retained_tokens") for c in counts]
-    steps = _checked_steps(layers, num_kept, num_layers=_num_llm_layers(model))
+        layers = [int(v) for v in parse_schedule(args.pruning_layers, "--pruning_layers")]
+        num_kept = [resolve_count(c, tokens, "--retained_tokens")
+                    for c in parse_schedule(args.retained_tokens, "--retained_tokens")]
+    first_layers = [layer + 1 for layer in layers] if pruner == "sparsevlm" else layers
+    steps = _checked_steps(pruner, first_layers, num_kept, num_layers=num_layers)
     if args.num_recycled_tokens >= steps[-1].num_kept:
         raise ValueError(f"--num_recycled_tokens {args.num_recycled_tokens} must be fewer than the smallest "
                          f"--retained_tokens count ({steps[-1].num_kept})")
-    return PruningPlan(pruner=pruner, steps=tuple(steps), num_recycled=args.num_recycled_tokens)
+    return PruningPlan(pruner=pruner, steps=tuple(steps), num_recycled=args.num_recycled_tokens,
+                       recycle=pruner == "sparsevlm" and args.sparsevlm_recycling != "off")
 
 
-def _reject_unused(pruner, layers, counts, fastv_set, num_recycled) -> None:
+def _reject_unused(args) -> None:
     """Flags that would silently do nothing are errors."""
-    if pruner == "none" and (layers or counts or fastv_set or num_recycled):
-        raise ValueError("pruning flags (--pruning_layers/--retained_tokens/--fastv_*/--num_recycled_tokens) "
-                         "were given but --token_pruner is none")
-    if fastv_set and pruner != "fastv":
-        raise ValueError(f"--fastv_k/--fastv_ratio apply to --token_pruner fastv, not {pruner}")
-    if fastv_set and layers:
-        raise ValueError("give either --fastv_k/--fastv_ratio or --pruning_layers/--retained_tokens, not both")
-    if num_recycled and pruner != "sparsevlm":
-        raise ValueError(f"--num_recycled_tokens applies to --token_pruner sparsevlm, not {pruner}")
-    if pruner in ("sparsevlm", "random") and (not layers or not counts):
-        raise ValueError(f"--token_pruner {pruner} needs --pruning_layers and --retained_tokens")
-    if pruner in ("sparsevlm", "random", "fastv") and len(layers) != len(counts):
-        raise ValueError(f"--pruning_layers has {len(layers)} values but --retained_tokens has {len(counts)}")
+    pruner, given = args.token_pruner, _given_flags(args)
+    owners = {"fastv_k": ("fastv",), "fastv_ratio": ("fastv",), "num_recycled_tokens": ("sparsevlm_weighted",),
+              "sparsevlm_budget": ("sparsevlm",), "sparsevlm_recycling": ("sparsevlm",), "dominant": ("visionzip",),
+              "contextual": ("visionzip",), "pruning_layers": tuple(PRUNER_RULES),
+              "retained_tokens": tuple(PRUNER_RULES) + ("cls_attention",)}
+    for flag, pruners in owners.items():
+        if flag in given and pruner not in pruners:
+            raise ValueError(f"--{flag} applies to --token_pruner {' or '.join(pruners)}, not {pruner}")
+    if args.sparsevlm_recycling not in ("", "on", "off"):
+        raise ValueError(f"--sparsevlm_recycling {args.sparsevlm_recycling!r}: choose on or off")
+    if given & {"fastv_k", "fastv_ratio", "sparsevlm_budget"} and given & {"pruning_layers", "retained_tokens"}:
+        raise ValueError("give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/"
+                         "--retained_tokens, not both")
+    schedule = {"pruning_layers", "retained_tokens"}
+    if pruner in ("sparsevlm_weighted", "random") or (pruner == "sparsevlm" and "sparsevlm_budget" not in given):
+        if not schedule <= given:
+            raise ValueError(f"--token_pruner {pruner} needs --pruning_layers and --retained_tokens"
+                             + (" (or --sparsevlm_budget)" if pruner == "sparsevlm" else ""))
+    if pruner == "visionzip" and not {"dominant", "contextual"} <= given:
+        raise ValueError("--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, "
+                         "162+30)")
+    if pruner in PRUNER_RULES and schedule <= given and len(parse_schedule(args.pruning_layers, "")) != len(
+            parse_schedule(args.retained_tokens, "")):
+        raise ValueError(f"--pruning_layers has {len(parse_schedule(args.pruning_layers, ''))} values but "
+                         f"--retained_tokens has {len(parse_schedule(args.retained_tokens, ''))}")
 
 
-def _checked_steps(layers: list[int], counts: list[int], *, num_layers: int) -> list[PruningStep]:
+def _given_flags(args) -> set[str]:
+    """Pruning flags set away from their 'not given' value."""
+    unset = {"pruning_layers": "", "retained_tokens": "", "fastv_k": None, "fastv_ratio": None,
+             "num_recycled_tokens": 0, "sparsevlm_budget": None, "sparsevlm_recycling": "", "dominant": None,
+             "contextual": None}
+    return {name for name, value in unset.items() if getattr(args, name) != value}
+
+
+def _checked_steps(pruner: str, layers: list[int], counts: list[int], *, num_layers: int) -> list[PruningStep]:
+    """Steps whose `layers` are the first layers on kept tokens; errors speak in the pruner's own layer numbers."""
+    lowest = 1 if PRUNER_RULES[pruner].scores_at == "previous" else 0
+    shift = 1 if pruner == "sparsevlm" else 0  # sparsevlm's flag names the layer whose output is pruned
     for layer in layers:
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"--pruning_layers: layer {layer} is beyond the LLM's {num_layers} layers "
-                             f"(valid: 0..{num_layers - 1})")
+        if not lowest <= layer < num_layers:
+            raise ValueError(f"--pruning_layers: layer {layer - shift} is outside the LLM's {num_layers} layers for "
+                             f"--token_pruner {pruner} (valid: {lowest - shift}..{num_layers - 1 - shift})")
     if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"--pruning_layers {layers} must be strictly increasing")
+        raise ValueError(f"--pruning_layers {[v - shift for v in layers]} must be strictly increasing")
     if any(b >= a for a, b in zip(counts, counts[1:])):
         raise ValueError(f"--retained_tokens {counts} must be strictly decreasing (each step keeps fewer tokens)")
     return [PruningStep(layer, count) for layer, count in zip(layers, counts)]
 
 
-def _cls_attention_plan(model, counts: list[float], tokens: int) -> PruningPlan:
-    tower = model.vision_tower
+def _before_llm_plan(args, model, tokens: int) -> PruningPlan:
+    tower, pruner = model.vision_tower, args.token_pruner
+    if not tower.has_cls_token:
+        raise ValueError(f"--token_pruner {pruner} needs a CLIP vision tower (it has a [CLS] token)")
+    if getattr(model.projector, "num_output_tokens", None):
+        raise ValueError(f"--token_pruner {pruner} needs a token-wise projector (not qformer)")
+    if tower.select_layer % (tower.config.num_hidden_layers + 1) == 0:
+        raise ValueError(f"--token_pruner {pruner} needs --mm_vision_select_layer after at least one layer")
+    if pruner == "visionzip":
+        if not (args.dominant >= 1 and args.contextual >= 1 and args.dominant + args.contextual <= tower.num_patches
+                - 1):
+            raise ValueError(f"--dominant {args.dominant} --contextual {args.contextual}: need both >= 1 and "
+                             f"dominant + contextual < the tower's {tower.num_patches} patches")
+        return PruningPlan(pruner="visionzip", dominant=args.dominant, contextual=args.contextual)
+    counts = parse_schedule(args.retained_tokens, "--retained_tokens")
     if len(counts) != 1:
         raise ValueError("--token_pruner cls_attention prunes once, before the LLM: give one --retained_tokens value")
-    if not tower.has_cls_token or tower.select_feature != "patch":
-        raise ValueError("--token_pruner cls_attention needs a CLIP vision tower (it has a [CLS] token) read with "
-                         "--mm_vision_select_feature patch")
-    if getattr(model.projector, "num_output_tokens", None):
-        raise ValueError("--token_pruner cls_attention needs a token-wise projector (not qformer)")
+    if tower.select_feature != "patch":
+        raise ValueError("--token_pruner cls_attention needs --mm_vision_select_feature patch")
     return PruningPlan(pruner="cls_attention", num_kept_patches=resolve_count(counts[0], tokens, "--retained_tokens"))
 
 
@@ -165,16 +263,20 @@ def _num_llm_layers(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- mechanics
-def pack_kept(keep: torch.Tensor, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, seq) bool -> (index, valid), each (batch, most kept): kept positions in order, fill at `padding_side`."""
-    counts = keep.sum(1)
+def pack_kept(keep: torch.Tensor, padding_side: str, order: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq) bool -> (index, valid), each (batch, most kept): kept positions sorted by `order` (default:
+    position), fill at `padding_side`."""
+    counts, seq = keep.sum(1), keep.shape[1]
     width = int(counts.max())
+    if order is None:
+        order = torch.arange(seq, device=keep.device).expand_as(keep)
+    slot = torch.arange(width, device=keep.device)
     if padding_side == "left":  # fill first, then the kept tokens in order
-        index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - width:]
-        slot = torch.arange(width, device=keep.device)
+        index = torch.argsort(torch.where(keep, order, -1), dim=1, stable=True)[:, seq - width:]
         return index, slot >= (width - counts)[:, None]
-    index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-    return index, torch.arange(width, device=keep.device) < counts[:, None]
+    index = torch.argsort(torch.where(keep, order, int(order.max()) + 1), dim=1, stable=True)[:, :width]
+    return index, slot < counts[:, None]
 
 
 def attention_rows(layer, hidden: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
@@ -235,12 +337,39 @@ def _rows_or_error(mask: torch.Tensor, visual: torch.Tensor, pruner: str) -> Non
                          "it to rate visual tokens; use --token_pruner random or cls_attention for such prompts")
 
 
-def text_guided_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
-    """SparseVLM: attention to each visual token from the instruction tokens (raters), each rater weighted by
+def choose_raters(embeds: torch.Tensor, context: PruningContext, valid: torch.Tensor) -> PruningContext:
+    """SparseVLM's raters, once before layer 0: instruction tokens whose relevance to the image is above the mean.
+
+    Relevance r = mean over the row's visual embeddings V of softmax over its instruction embeddings T of V·Tᵀ.
+    (When all r are equal, e.g. one instruction token, none is above the mean: then all of them rate.)
+    """
+    chosen = torch.zeros_like(context.rater_mask)
+    for row in range(len(embeds)):
+        visual = (context.image_mask[row] & valid[row]).nonzero().flatten()
+        text = (context.rater_mask[row] & valid[row]).nonzero().flatten()
+        if len(visual) == 0 or len(text) == 0:
+            continue  # the scorer names such rows
+        relevance = (embeds[row, visual] @ embeds[row, text].T).softmax(-1).mean(0)  # (text,)
+        above = relevance > relevance.mean()
+        chosen[row, text[above if above.any() else torch.ones_like(above)]] = True
+    return replace(context, rater_mask=chosen)
+
+
+def rater_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
+    """SparseVLM: each visual token's attention probability from the chosen raters, averaged over heads and raters."""
+    raters = context.rater_mask & valid
+    _rows_or_error(raters, context.image_mask & valid, "sparsevlm")
+    rows, rows_valid = pack_kept(raters, "right")
+    probs = attention(rows).mean(1) * rows_valid[..., None]  # (batch, R, seq)
+    return probs.sum(1) / rows_valid.sum(1, keepdim=True)
+
+
+def weighted_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
+    """sparsevlm_weighted: attention to each visual token from every instruction token, each rater weighted by
     its own total attention to vision, so the tokens that look at the image decide (a soft rater selection:
     the hard above-the-mean cut lost the shape word of colour questions on the shapes benchmark)."""
     visual, candidates = context.image_mask & valid, context.rater_mask & valid
-    _rows_or_error(candidates, visual, "sparsevlm")
+    _rows_or_error(candidates, visual, "sparsevlm_weighted")
     rows, rows_valid = pack_kept(candidates, "right")
     probs = attention(rows).mean(1) * visual[:, None, :]  # (batch, R, seq): head-averaged, visual keys only
     weights = probs.sum(-1) * rows_valid  # (batch, R) each rater's total attention to vision
@@ -248,7 +377,7 @@ def text_guided_scores(attention, context: PruningContext, valid: torch.Tensor, 
 
 
 def last_token_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
-    """FastV: attention (head-averaged) from the last instruction token."""
+    """FastV: attention (head-averaged) from the last prompt token (the last instruction token)."""
     candidates = context.rater_mask & valid
     _rows_or_error(candidates, context.image_mask & valid, "fastv")
     order = torch.arange(candidates.shape[1], device=valid.device)
@@ -264,22 +393,44 @@ def random_scores(attention, context: PruningContext, valid: torch.Tensor, posit
     return table.gather(1, positions)
 
 
-SCORERS: dict[str, Callable[..., torch.Tensor]] = {
-    "sparsevlm": text_guided_scores,
-    "fastv": last_token_scores,
-    "random": random_scores,
+@dataclass(frozen=True)
+class PrunerRule:
+    scorer: Callable[..., torch.Tensor]
+    scores_at: str  # "previous": layer L-1 (the last layer on all tokens) decides; "input": layer L, before it runs
+
+
+PRUNER_RULES: dict[str, PrunerRule] = {
+    "sparsevlm": PrunerRule(rater_scores, "previous"),
+    "sparsevlm_weighted": PrunerRule(weighted_scores, "input"),
+    "fastv": PrunerRule(last_token_scores, "previous"),
+    "random": PrunerRule(random_scores, "input"),
 }
 
 
-def prune_step(step: PruningStep, *, layer, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               rotary, context: PruningContext, plan: PruningPlan) -> KeptTokens:
-    """Score the visual tokens at `layer` and keep each row's best `step.num_kept` per image."""
+def prepare_context(plan: PruningPlan, embeds: torch.Tensor, context: PruningContext,
+                    valid: torch.Tensor) -> PruningContext:
+    """What a plan needs before layer 0 (sparsevlm: its raters)."""
+    return choose_raters(embeds, context, valid) if plan.pruner == "sparsevlm" else context
+
+
+def score_visual(plan: PruningPlan, *, layer, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                 rotary, context: PruningContext) -> torch.Tensor:
+    """(batch, seq) scores of the plan's scorer from decoder `layer`'s attention on its input `hidden`."""
     def attention(rows):
         return attention_rows(layer, hidden, positions, rows, valid, rotary)
 
-    scores = SCORERS[plan.pruner](attention, context, valid, positions, plan)  # (batch, seq)
+    return PRUNER_RULES[plan.pruner].scorer(attention, context, valid, positions, plan)
+
+
+def select_kept(step: PruningStep, plan: PruningPlan, scores: torch.Tensor, *, hidden: torch.Tensor,
+                valid: torch.Tensor, context: PruningContext) -> KeptTokens:
+    """Keep each row's best `step.num_kept` visual tokens per image (+ the plan's merged tokens)."""
     visual = context.image_mask & valid
     budget = context.images_per_row * step.num_kept  # (batch,)
+    if plan.recycle:
+        kept = top_visual(scores, visual, budget)
+        clusters, clusters_valid = recycled_tokens(hidden, scores, visual & ~kept)
+        return KeptTokens(hidden, valid & (~visual | kept), clusters, clusters_valid)
     if not plan.num_recycled:
         return KeptTokens(hidden, valid & (~visual | top_visual(scores, visual, budget)))
     kept = top_visual(scores, visual, budget - context.images_per_row * plan.num_recycled)
@@ -289,7 +440,7 @@ def prune_step(step: PruningStep, *, layer, hidden: torch.Tensor, positions: tor
 
 def recycle(hidden: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor,
             num_centers: torch.Tensor, pool_factor: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aggregate the best-scored dropped tokens into `num_centers[row]` tokens (SparseVLM's recycling, simplified).
+    """sparsevlm_weighted's pooling: aggregate the best-scored dropped tokens into `num_centers[row]` tokens.
 
     The top `pool_factor x centers` dropped tokens form the pool; its best-scored ones are the centers; every
     other pool token joins its most cosine-similar center; a center's hidden state becomes its group's mean and
@@ -311,22 +462,39 @@ def recycle(hidden: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor,
     return hidden, centers
 
 
-def cls_attention_patches(vision_tower, hidden_states: tuple[torch.Tensor, ...], num_kept: int) -> torch.Tensor:
-    """(images, num_kept) indices of the patches the [CLS] token attends to most (head-averaged), in order.
-
-    Uses the vision layer that produced the selected features: its pre-norm, q/k projections and scale.
-    """
+# ---------------------------------------------------------------------------------------------- before the LLM
+def _vision_layer(vision_tower, hidden_states: tuple[torch.Tensor, ...]):
+    """(layer, its input) of the vision layer whose output is the projected hidden state."""
     layers = getattr(vision_tower.encoder, "vision_model", vision_tower.encoder).encoder.layers
     produced_by = vision_tower.select_layer % (len(layers) + 1)  # hidden_states[j] is layer j-1's output
-    if produced_by == 0:
-        raise ValueError("--token_pruner cls_attention needs --mm_vision_select_layer after at least one layer")
-    layer = unsharded(layers[produced_by - 1])
-    attn, normed = layer.self_attn, layer.layer_norm1(hidden_states[produced_by - 1])  # (images, 1 + patches, dim)
+    return unsharded(layers[produced_by - 1]), hidden_states[produced_by - 1]
+
+
+def cls_attention_heads(vision_tower, hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected vision layer's [CLS] attention row per head (images, heads, 1 + patches) and its keys
+    (images, heads, 1 + patches, head_dim), from the layer's pre-norm and q/k projections."""
+    layer, layer_input = _vision_layer(vision_tower, hidden_states)
+    attn, normed = layer.self_attn, layer.layer_norm1(layer_input)  # (images, 1 + patches, dim)
     images, tokens, _ = normed.shape
     query = attn.q_proj(normed[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     key = attn.k_proj(normed).view(images, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-    probs = (query @ key.transpose(-1, -2) * attn.scale).softmax(-1).mean(1)[:, 0]  # (images, 1 + patches)
+    return (query @ key.transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0], key
+
+
+def cls_attention_patches(vision_tower, hidden_states: tuple[torch.Tensor, ...], num_kept: int) -> torch.Tensor:
+    """(images, num_kept) indices of the patches the [CLS] token attends to most (head-averaged), in order."""
+    probs = cls_attention_heads(vision_tower, hidden_states)[0].mean(1)  # (images, 1 + patches)
     return probs[:, 1:].topk(num_kept, dim=-1).indices.sort(dim=-1).values
+
+
+def visionzip_features(vision_tower, hidden_states: tuple[torch.Tensor, ...], plan: PruningPlan
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's (images, 1 + dominant + contextual, vision_dim) tokens of the projected layer, and the
+    dominant patch indices."""
+    probs, key = cls_attention_heads(vision_tower, hidden_states)
+    features = hidden_states[vision_tower.select_layer]
+    return visionzip_merge(features, probs.sum(1)[:, 1:], key.mean(1), dominant=plan.dominant,
+                           contextual=plan.contextual)
 
 
 # ---------------------------------------------------------------------------------------------- cost
@@ -345,20 +513,41 @@ def prefill_flops(config, tokens_per_layer: list[int]) -> float:
     return sum(layer_flops(config, n) for n in tokens_per_layer) + 2 * config.hidden_size * config.vocab_size
 
 
-def tokens_per_layer(plan: PruningPlan | None, *, num_layers: int, num_text: int, num_visual: int) -> list[int]:
-    """Sequence length at every decoder layer for one sample with one image under `plan`."""
-    if plan is not None and plan.num_kept_patches is not None:
-        num_visual = plan.num_kept_patches
+def recycled_count(num_dropped: int) -> int:
+    """Clusters SparseVLM v1.5 appends when a stage drops `num_dropped` tokens of one image."""
+    if num_dropped == 0:
+        return 0
+    return (int(num_dropped * 0.3) + 1) // 10 + 1
+
+
+def visual_tokens_per_layer(plan: PruningPlan | None, *, num_layers: int, num_visual: int) -> list[int]:
+    """Visual tokens every decoder layer runs on, for one sample with one image under `plan` (recycled included)."""
+    if plan is not None and plan.before_llm:
+        num_visual = plan.tokens_entering_llm
     counts, steps = [], {s.layer: s.num_kept for s in (plan.steps if plan else ())}
     for layer in range(num_layers):
-        num_visual = steps.get(layer, num_visual)
-        counts.append(num_text + num_visual)
+        if layer in steps:
+            dropped = num_visual - steps[layer]
+            num_visual = steps[layer] + (recycled_count(dropped) if plan.recycle else 0)
+        counts.append(num_visual)
     return counts
+
+
+def tokens_per_layer(plan: PruningPlan | None, *, num_layers: int, num_text: int, num_visual: int) -> list[int]:
+    """Sequence length at every decoder layer for one sample with one image under `plan`."""
+    return [num_text + v for v in visual_tokens_per_layer(plan, num_layers=num_layers, num_visual=num_visual)]
+
+
+def equivalent_tokens(plan: PruningPlan | None, *, num_layers: int, num_visual: int) -> dict[str, float]:
+    """A setting's visual-token cost: the average over layers (SparseVLM's "budget") and what enters the LLM."""
+    counts = visual_tokens_per_layer(plan, num_layers=num_layers, num_visual=num_visual)
+    return {"avg_visual_tokens_per_layer": sum(counts) / len(counts), "visual_tokens_into_llm": counts[0]}
 
 
 # ---------------------------------------------------------------------------------------------- flags
 PRUNING_FLAG_TYPES = {"token_pruner": str, "pruning_layers": str, "retained_tokens": str, "fastv_k": int,
-                      "fastv_ratio": float, "num_recycled_tokens": int}
+                      "fastv_ratio": float, "num_recycled_tokens": int, "sparsevlm_budget": int,
+                      "sparsevlm_recycling": str, "dominant": int, "contextual": int}
 
 
 def add_pruning_flags(parser) -> None:

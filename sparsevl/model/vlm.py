@@ -15,7 +15,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.decoder import LayerwiseCache, decoder_forward
-from sparsevl.model.pruning import PruningContext, PruningPlan, cls_attention_patches
+from sparsevl.model.pruning import PruningContext, PruningPlan, cls_attention_patches, visionzip_features
 from sparsevl.model.vision import VisionTower
 
 IGNORE_INDEX = -100
@@ -66,8 +66,8 @@ class SparseVLM(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         """Visual tokens per image entering the LLM (after any pruning before the LLM)."""
-        if self.pruning is not None and self.pruning.num_kept_patches is not None:
-            return self.pruning.num_kept_patches
+        if self.pruning is not None and self.pruning.before_llm:
+            return self.pruning.tokens_entering_llm
         return self.num_projected_tokens
 
     @property
@@ -85,16 +85,18 @@ class SparseVLM(nn.Module):
 
         With a layer selector, each image's most likely layer (`instruction`: (images, dim) text for its classifier).
         """
-        prunes_before_llm = self.pruning is not None and self.pruning.num_kept_patches is not None
+        prunes_before_llm = self.pruning is not None and self.pruning.before_llm
         if self.layer_selector is not None:
             if prunes_before_llm:
-                raise ValueError("--token_pruner cls_attention reads the fixed --mm_vision_select_layer and cannot "
-                                 "be combined with --use_adaptive_layer_selection")
+                raise ValueError(f"--token_pruner {self.pruning.pruner} reads the fixed --mm_vision_select_layer and "
+                                 "cannot be combined with --use_adaptive_layer_selection")
             return self.projector(self.layer_selector.select_features(self.vision_tower, pixel_values, instruction))
         if not prunes_before_llm:
             features = self.vision_tower(pixel_values)  # (images, patches, vision_dim)
             return self.projector(features)
         hidden_states = self.vision_tower.all_hidden_states(pixel_values)
+        if self.pruning.pruner == "visionzip":
+            return self.projector(visionzip_features(self.vision_tower, hidden_states, self.pruning)[0])
         features = self.vision_tower.select_tokens(hidden_states[self.vision_tower.select_layer])
         kept = cls_attention_patches(self.vision_tower, hidden_states, self.pruning.num_kept_patches)
         embeds, losses = self.projector(features)  # (images, patches, llm_dim)
@@ -258,11 +260,11 @@ class SparseVLM(nn.Module):
                      use_cache: bool) -> tuple[torch.Tensor, LayerwiseCache | None, torch.Tensor]:
         """Next-token logits through the decoder loop: prefill prunes; cached steps reuse each layer's kept KV;
         uncached steps re-run the whole sequence, rated by the same prompt tokens as the prefill.
-        Returns the last position's logits, the caches and the kept input positions."""
+        Returns the last position's logits, the caches and the kept input positions (-1 at merged or fill ones)."""
         out = decoder_forward(self.llm, embeds, mask, positions, plan=self.pruning,
                               context=context.padded_to(embeds.shape[1]) if past is None else None,
                               past=past, use_cache=use_cache, logits_to_keep=1, padding_side="left")
-        return out.logits[:, -1], out.past, out.kept_index
+        return out.logits[:, -1], out.past, out.kept_index.masked_fill(~out.kept_mask, -1)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
