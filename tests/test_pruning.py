@@ -326,3 +326,26 @@ def test_prompt_without_text_after_the_image_is_a_clear_error(pruner):
         model.generate(ids, mask, random_pixels(2), max_new_tokens=2, eos_token_id=EOS_ID)
     model.pruning = PruningPlan("random", (PruningStep(1, 8),))  # the documented way out
     assert len(model.generate(ids, mask, random_pixels(2), max_new_tokens=2, eos_token_id=EOS_ID)) == 2
+
+
+def test_sparsevlm_budget_is_the_paper_table_at_its_shape_and_scales_to_others():
+    from sparsevl.model.pruning import sparsevlm_schedule
+
+    paper = {192: [300, 200, 110], 128: [303, 110, 36], 64: [66, 30, 17]}
+    for budget, counts in paper.items():
+        assert sparsevlm_schedule(budget, num_layers=32, num_visual=576) == ([2, 6, 15], counts)
+    assert sparsevlm_schedule(192, num_layers=28, num_visual=576) == ([2, 5, 13], [300, 200, 110])
+    assert sparsevlm_schedule(64, num_layers=4, num_visual=64) == ([0, 1, 2], [7, 3, 2])
+    with pytest.raises(ValueError, match="too small for three stages"):
+        sparsevlm_schedule(64, num_layers=3, num_visual=64)
+
+
+def test_equivalent_tokens_count_recycled_tokens_like_the_paper():
+    from sparsevl.model.pruning import equivalent_tokens, recycled_count
+
+    plan = PruningPlan("sparsevlm", (PruningStep(3, 300), PruningStep(7, 200), PruningStep(16, 110)), recycle=True)
+    # 276 dropped -> 83 pooled -> 9 clusters; then 109 of 309 -> 33 -> 4; then 94 of 204 -> 29 -> 3
+    assert [recycled_count(n) for n in (276, 109, 94)] == [9, 4, 3]
+    cost = equivalent_tokens(plan, num_layers=32, num_visual=576)
+    assert cost["avg_visual_tokens_per_layer"] == (3 * 576 + 4 * 309 + 9 * 204 + 16 * 113) / 32
+    assert cost["visual_tokens_into_llm"] == 576

@@ -26,20 +26,30 @@ def checkpoint(shapes_dir, shapes_tokenizer, tmp_path_factory):
 def test_analyze_pruning_writes_table_curve_and_patch_picture(checkpoint, shapes_dir, tmp_path, capsys):
     out = tmp_path / "analysis"
     code = sparsevl(["analyze", "pruning", "--model", str(checkpoint), "--data", str(shapes_dir / "test_qa.json"),
-                     "--out", str(out), "--retained_tokens", "16,4", "--limit", "6", "--max_new_tokens", "2"])
+                     "--out", str(out), "--retained_tokens", "16,8", "--limit", "6", "--max_new_tokens", "2",
+                     "--stages", "1,3", "--recycling", "on,off", "--pruning_layer", "2"])
     assert code == 0
     results = json.loads((out / "pruning_results.json").read_text())
-    settings = [(r["pruner"], r["kept_tokens"]) for r in results["rows"]]
-    assert settings == [("none", 64)] + [(p, c) for p in ("sparsevlm", "fastv", "random", "cls_attention")
-                                         for c in (16, 4)]
-    flops = {(r["pruner"], r["kept_tokens"]): r["relative_flops"] for r in results["rows"]}
-    assert flops[("none", 64)] == 1.0
-    assert flops[("cls_attention", 4)] < flops[("sparsevlm", 4)] < flops[("sparsevlm", 16)] < 1.0
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
+    rows = {(r["setting"], r["kept_tokens"]): r for r in results["rows"]}
+    in_llm = [f"{p} {s}-stage" for p in ("sparsevlm", "sparsevlm_weighted", "fastv", "random") for s in (1, 3)]
+    names = [n + r for n in in_llm for r in ((" recycling on", " recycling off") if n.startswith("sparsevlm ")
+                                                else ("",))] + ["cls_attention", "visionzip"]
+    assert sorted(rows) == sorted([("none", 64)] + [(n, c) for n in names for c in (16, 8)])
+    assert rows[("none", 64)]["relative_flops"] == 1.0 and rows[("none", 64)]["avg_visual_tokens_per_layer"] == 64
+    one = rows[("fastv 1-stage", 8)]  # 4 layers: layers 0-1 on 64 visual tokens, 2-3 on 8
+    assert one["avg_visual_tokens_per_layer"] == (2 * 64 + 2 * 8) / 4 and one["visual_tokens_into_llm"] == 64
+    three = rows[("fastv 3-stage", 8)]  # the same average over three stages
+    assert abs(three["avg_visual_tokens_per_layer"] - one["avg_visual_tokens_per_layer"]) <= 2
+    recycled, plain = rows[("sparsevlm 1-stage recycling on", 8)], rows[("sparsevlm 1-stage recycling off", 8)]
+    assert recycled["avg_visual_tokens_per_layer"] == (2 * 64 + 2 * (8 + 2)) / 4  # 56 dropped: 17 pooled, 2 clusters
+    assert plain["avg_visual_tokens_per_layer"] == one["avg_visual_tokens_per_layer"]
+    assert rows[("visionzip", 8)]["visual_tokens_into_llm"] == 8 == rows[("cls_attention", 8)]["visual_tokens_into_llm"]
+    assert rows[("cls_attention", 8)]["relative_flops"] < plain["relative_flops"] < 1.0
+    assert all(r["prefill_ms"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
     for name in ("pruning_table.md", "pruning_curve.png", "kept_patches.png"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "pruning_table.md").read_text().count("\n") == 2 + len(settings)
-    assert "cls_attention" in capsys.readouterr().out
+    assert (out / "pruning_table.md").read_text().count("\n") == 2 + len(rows)
+    assert "visionzip" in capsys.readouterr().out
 
 
 def test_analyze_dispatcher_lists_and_rejects_targets(capsys):
@@ -51,6 +61,14 @@ def test_eval_accepts_pruning_flags_and_names_bad_ones(checkpoint, shapes_dir, t
     common = ["eval", "--model", str(checkpoint), "--data", str(shapes_dir / "test_qa.json"), "--limit", "4",
               "--max_new_tokens", "2", "--out", str(tmp_path / "eval")]
     assert sparsevl(common + ["--token_pruner", "sparsevlm", "--pruning_layers", "1", "--retained_tokens", "0.25"]) == 0
+    cost = json.loads((tmp_path / "eval" / "metrics.json").read_text())["cost"]
+    assert cost["avg_visual_tokens_per_layer"] == (2 * 64 + 2 * (16 + 2)) / 4  # layer 1's output pruned, 2 clusters
+    assert cost["visual_tokens_into_llm"] == 64 and 0 < cost["relative_flops"] < 1 and cost["prefill_ms"] > 0
+    assert sparsevl(common + ["--token_pruner", "sparsevlm", "--sparsevlm_budget", "64"]) == 0
+    assert sparsevl(common + ["--token_pruner", "visionzip", "--dominant", "6", "--contextual", "2"]) == 0
+    cost = json.loads((tmp_path / "eval" / "metrics.json").read_text())["cost"]
+    assert cost["visual_tokens_into_llm"] == cost["avg_visual_tokens_per_layer"] == 9
+    assert sparsevl(common + ["--token_pruner", "fastv", "--fastv_k", "2", "--fastv_ratio", "0.75"]) == 0
     assert sparsevl(common + ["--token_pruner", "sparsevlm", "--pruning_layers", "9", "--retained_tokens", "8"]) == 2
     assert "--pruning_layers: layer 9 is outside" in capsys.readouterr().err
 

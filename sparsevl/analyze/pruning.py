@@ -1,8 +1,19 @@
 """`sparsevl analyze pruning --model DIR --data test_qa.json --out DIR`.
 
-For every pruner and every kept-token count: accuracy on the question file, the theoretical prefill FLOPs
-of one sample (mean prompt length), a table (`pruning_table.md`, `pruning_results.json`), the curve
-(`pruning_curve.png`) and a picture of the patches each pruner kept for one sample (`kept_patches.png`).
+For every pruning setting (pruner x kept tokens x one or three stages x recycling on/off): accuracy on the
+question file, the visual tokens it really costs (average per LLM layer, SparseVLM's "equivalent tokens",
+recycled tokens included; and how many enter the LLM), theoretical prefill FLOPs of one sample (mean prompt
+length), measured prefill time on the first question; a table (`pruning_table.md`, `pruning_results.json`),
+the curve (`pruning_curve.png`) and the patches each one-stage pruner kept for one sample (`kept_patches.png`).
+
+Settings at K kept visual tokens per image (`--retained_tokens`), `--pruning_layer L`:
+  one stage     every in-LLM pruner runs layers L.. on K tokens (sparsevlm prunes layer L-1's output; fastv has
+                K = L; sparsevlm_weighted and random drop before L).
+  three stages  SparseVLM's locations scaled to the model (`--sparsevlm_budget`'s rule), counts in the shape of
+                its 192 table (300:200:110), scaled so the average visual tokens per layer equal the one-stage
+                setting's (same FLOPs).
+  cls_attention keeps K patches before the LLM; visionzip keeps [CLS] + dominant + contextual = K tokens in the
+                paper's 54:10 ratio.
 """
 
 import argparse
@@ -11,7 +22,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-PRUNERS = ("sparsevlm", "fastv", "random", "cls_attention")
+PRUNERS = ("sparsevlm", "sparsevlm_weighted", "fastv", "random", "cls_attention", "visionzip")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the table, JSON results and figures")
     p.add_argument("--pruners", default=",".join(PRUNERS), help=f"comma-separated, from: {', '.join(PRUNERS)}")
     p.add_argument("--retained_tokens", default="32,16,7,4", help="visual tokens kept per image, one run each")
-    p.add_argument("--pruning_layer", type=int, default=1, help="LLM layer before which in-LLM pruners prune")
-    p.add_argument("--num_recycled_tokens", type=int, default=0, help="sparsevlm: recycled tokens per image")
+    p.add_argument("--pruning_layer", type=int, default=1, help="first LLM layer on the kept tokens (one stage)")
+    p.add_argument("--stages", default="1", help="comma-separated from 1 (one stage) and 3 (three stages)")
+    p.add_argument("--recycling", default="on", help="sparsevlm: comma-separated from on, off")
     p.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
     p.add_argument("--max_new_tokens", type=int, default=8, help="longest answer in tokens")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -31,24 +43,74 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_arguments(pruner: str, count: int, layer: int, num_recycled: int) -> SimpleNamespace:
-    """The pruning flags of one setting, as `build_pruning_plan` reads them."""
-    in_llm = pruner != "cls_attention"
-    return SimpleNamespace(token_pruner=pruner, pruning_layers=str(layer) if in_llm else "",
-                           retained_tokens=str(count), fastv_k=None, fastv_ratio=None,
-                           num_recycled_tokens=num_recycled if pruner == "sparsevlm" else 0)
+def plan_arguments(pruner: str, **flags) -> SimpleNamespace:
+    """All pruning flags of one setting, as `build_pruning_plan` reads them (unset ones at their defaults)."""
+    defaults = dict(token_pruner=pruner, pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
+                    num_recycled_tokens=0, sparsevlm_budget=None, sparsevlm_recycling="", dominant=None,
+                    contextual=None)
+    return SimpleNamespace(**{**defaults, **flags})
+
+
+def three_stage_schedule(count: int, *, layer: int, num_layers: int, num_visual: int) -> tuple[list[int], list[int]]:
+    """(first layers on kept tokens, counts) of three stages with the one-stage setting's average visual tokens."""
+    from sparsevl.model.pruning import sparsevlm_schedule
+
+    first = [ell + 1 for ell in sparsevlm_schedule(192, num_layers=num_layers, num_visual=num_visual)[0]]
+    target = (layer * num_visual + (num_layers - layer) * count) / num_layers
+    best = None
+    for step in range(1, 4000):
+        counts = [max(1, min(num_visual - 1, round(step / 1000 * c * num_visual / 576))) for c in (300, 200, 110)]
+        if counts[0] > counts[1] > counts[2]:
+            spans = [b - a for a, b in zip(first, first[1:] + [num_layers])]
+            average = (first[0] * num_visual + sum(c * s for c, s in zip(counts, spans))) / num_layers
+            if best is None or abs(average - target) < best[0]:
+                best = (abs(average - target), counts)
+    if best is None:
+        raise ValueError(f"--stages 3: no three decreasing counts fit {num_visual} visual tokens")
+    return first, best[1]
+
+
+def settings(args, model) -> list[tuple[str, str, int, SimpleNamespace | None]]:
+    """(setting name, pruner, kept tokens, flags) of every run, the unpruned model first."""
+    config, visual = model.llm.config, model.num_projected_tokens
+    runs = [("none", "none", visual, None)]
+    for count in (int(c) for c in args.retained_tokens.split(",") if c):
+        for pruner in (p for p in args.pruners.split(",") if p):
+            if pruner == "cls_attention":
+                runs.append((pruner, pruner, count, plan_arguments(pruner, retained_tokens=str(count))))
+                continue
+            if pruner == "visionzip":
+                contextual = max(1, round(count * 10 / 64))
+                runs.append((pruner, pruner, count, plan_arguments(pruner, dominant=count - 1 - contextual,
+                                                                   contextual=contextual)))
+                continue
+            for stages in (int(s) for s in args.stages.split(",") if s):
+                layers, counts = [args.pruning_layer], [count]
+                if stages == 3:
+                    layers, counts = three_stage_schedule(count, layer=args.pruning_layer, num_visual=visual,
+                                                          num_layers=config.num_hidden_layers)
+                elif stages != 1:
+                    raise ValueError(f"--stages {args.stages}: use 1 and/or 3")
+                named = [layer - 1 for layer in layers] if pruner == "sparsevlm" else layers
+                flags = dict(pruning_layers=",".join(map(str, named)), retained_tokens=",".join(map(str, counts)))
+                for recycling in (args.recycling.split(",") if pruner == "sparsevlm" else [""]):
+                    name = f"{pruner} {stages}-stage" + (f" recycling {recycling}" if recycling else "")
+                    runs.append((name, pruner, count, plan_arguments(pruner, sparsevlm_recycling=recycling, **flags)))
+    return runs
 
 
 def kept_patches(model, batch: dict) -> list[int]:
     """Indices of the image patches that reach the last decoder layer for a one-sample batch."""
     import torch
 
-    from sparsevl.model.pruning import cls_attention_patches
+    from sparsevl.model.pruning import cls_attention_patches, visionzip_features
 
     plan = model.pruning
     with torch.no_grad():
-        if plan is not None and plan.num_kept_patches is not None:
+        if plan is not None and plan.before_llm:
             hidden_states = model.vision_tower.all_hidden_states(batch["pixel_values"])
+            if plan.pruner == "visionzip":
+                return visionzip_features(model.vision_tower, hidden_states, plan)[1][0].tolist()
             return cls_attention_patches(model.vision_tower, hidden_states, plan.num_kept_patches)[0].tolist()
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], return_hidden_states=True)
     image = out.inputs.image_mask[0]
@@ -57,12 +119,12 @@ def kept_patches(model, batch: dict) -> list[int]:
 
 
 def run(args) -> list[dict]:
-    from sparsevl.data.conversation import prompt_ids
     from sparsevl.data.dataset import load_image, read_records
+    from sparsevl.eval.cost import mean_prompt_text_tokens, pruning_cost
     from sparsevl.eval.generate import generate_answers, gold_answer, prepare_batch, question_of
     from sparsevl.eval.metrics import exact_match_by_type
     from sparsevl.eval.run import load_for_inference
-    from sparsevl.model.pruning import build_pruning_plan, prefill_flops, tokens_per_layer
+    from sparsevl.model.pruning import build_pruning_plan
     from sparsevl.viz.pruning import plot_accuracy_vs_tokens, plot_kept_patches
 
     out = Path(args.out)
@@ -70,31 +132,27 @@ def run(args) -> list[dict]:
     model, tokenizer, processor = load_for_inference(args.model)
     data = Path(args.data)
     records = read_records(data)[: args.limit]
-    visual = model.num_projected_tokens
-    config = model.llm.config
-    text = sum(len(prompt_ids(question_of(r), tokenizer)) - 1 for r in records) / len(records)
-    counts = [int(c) for c in args.retained_tokens.split(",") if c]
-    settings = [("none", visual)] + [(p, c) for p in args.pruners.split(",") if p for c in counts]
-    full_flops = prefill_flops(config, tokens_per_layer(None, num_layers=config.num_hidden_layers,
-                                                        num_text=round(text), num_visual=visual))
+    text = mean_prompt_text_tokens(records, tokenizer)
     sample = prepare_batch(records[args.sample:args.sample + 1], tokenizer, processor, data.parent, "chat")
-    rows, kept_by_name = [], {}
-    for pruner, count in settings:
-        model.pruning = None if pruner == "none" else build_pruning_plan(
-            plan_arguments(pruner, count, args.pruning_layer, args.num_recycled_tokens), model)
+    rows, kept_by_name, runs = [], {}, settings(args, model)
+    smallest = min((run[2] for run in runs[1:]), default=None)
+    for name, pruner, count, flags in runs:
+        model.pruning = None if flags is None else build_pruning_plan(flags, model)
         answers = generate_answers(model, tokenizer, processor, records, image_folder=data.parent,
                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=False)
         scored = [{"prediction": a, "answer": gold_answer(r), "question_type": r.get("question_type", "unknown")}
                   for a, r in zip(answers, records)]
         metrics = exact_match_by_type(scored)
-        flops = prefill_flops(config, tokens_per_layer(model.pruning, num_layers=config.num_hidden_layers,
-                                                       num_text=round(text), num_visual=visual))
-        rows.append({"pruner": pruner, "kept_tokens": count, "accuracy": metrics["overall"]["accuracy"],
-                     "prefill_gflops": flops / 1e9, "relative_flops": flops / full_flops,
+        cost = pruning_cost(model, num_text=text, batch=sample) if flags is not None else None
+        rows.append({"setting": name, "pruner": pruner, "kept_tokens": count,
+                     "accuracy": metrics["overall"]["accuracy"], **(cost or _full_cost(model, text, sample)),
+                     "flags": {} if flags is None else {k: v for k, v in vars(flags).items() if v not in ("", None, 0)},
                      "by_type": {k: v["accuracy"] for k, v in metrics.items() if k != "overall"}})
         print(format_row(rows[-1], rows[0]["accuracy"]), flush=True)
-        if pruner != "none" and count == min(counts) and not getattr(model.projector, "num_output_tokens", None):
-            kept_by_name[pruner] = kept_patches(model, sample)
+        one_stage = " 3-stage" not in name and "recycling off" not in name
+        if flags is not None and count == smallest and one_stage and not getattr(model.projector, "num_output_tokens",
+                                                                                 None):
+            kept_by_name[name] = kept_patches(model, sample)
     model.pruning = None
     (out / "pruning_results.json").write_text(json.dumps({"model": str(args.model), "data": str(data),
                                                           "questions": len(records), "mean_text_tokens": text,
@@ -112,22 +170,35 @@ def run(args) -> list[dict]:
     return rows
 
 
+def _full_cost(model, text: float, sample: dict) -> dict:
+    from sparsevl.eval.cost import measure_prefill_seconds, pruning_cost
+
+    cost = pruning_cost(model, num_text=text)
+    cost["prefill_ms"] = cost["full_prefill_ms"] = 1e3 * measure_prefill_seconds(model, sample)
+    cost["measured_speedup"] = 1.0
+    return cost
+
+
 def format_row(row: dict, full_accuracy: float) -> str:
-    return (f"{row['pruner']:<14} kept {row['kept_tokens']:>4}  accuracy {row['accuracy']:.3f} "
+    return (f"{row['setting']:<34} kept {row['kept_tokens']:>4}  accuracy {row['accuracy']:.3f} "
             f"({100 * row['accuracy'] / max(full_accuracy, 1e-9):.1f}% of full)  "
-            f"prefill {row['prefill_gflops']:.4f} GFLOPs ({row['relative_flops']:.2f}x)")
+            f"avg visual/layer {row['avg_visual_tokens_per_layer']:.1f}, into LLM {row['visual_tokens_into_llm']}  "
+            f"prefill {row['prefill_gflops']:.4f} GFLOPs ({row['relative_flops']:.2f}x), "
+            f"{row['prefill_ms']:.1f} ms ({row['measured_speedup']:.2f}x faster)")
 
 
 def markdown_table(rows: list[dict]) -> str:
     full = rows[0]["accuracy"]
     types = sorted({t for r in rows for t in r["by_type"]})
-    lines = ["| pruner | kept tokens | accuracy | % of full | prefill GFLOPs | rel. FLOPs | "
-             + " | ".join(types) + " |", "|" + "---|" * (6 + len(types))]
+    lines = ["| setting | kept tokens | avg visual tokens/layer | visual into LLM | accuracy | % of full | "
+             "prefill GFLOPs | rel. FLOPs | prefill ms | measured speed-up | " + " | ".join(types) + " |",
+             "|" + "---|" * (10 + len(types))]
     for r in rows:
-        lines.append(f"| {r['pruner']} | {r['kept_tokens']} | {r['accuracy']:.3f} | "
+        lines.append(f"| {r['setting']} | {r['kept_tokens']} | {r['avg_visual_tokens_per_layer']:.1f} | "
+                     f"{r['visual_tokens_into_llm']} | {r['accuracy']:.3f} | "
                      f"{100 * r['accuracy'] / max(full, 1e-9):.1f} | {r['prefill_gflops']:.4f} | "
-                     f"{r['relative_flops']:.2f} | " + " | ".join(f"{r['by_type'].get(t, 0):.3f}" for t in types)
-                     + " |")
+                     f"{r['relative_flops']:.2f} | {r['prefill_ms']:.1f} | {r['measured_speedup']:.2f} | "
+                     + " | ".join(f"{r['by_type'].get(t, 0):.3f}" for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,13 +11,15 @@ import numpy as np  # noqa: E402
 
 
 def plot_accuracy_vs_tokens(rows: list[dict], out_file: str | Path) -> Path:
-    """rows: {pruner, kept_tokens, accuracy, relative_flops}; the 'none' row is the full model's reference line."""
+    """rows: {pruner, setting (line label; default: pruner), kept_tokens, accuracy, relative_flops}; the 'none'
+    row is the full model's reference line."""
     figure, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(11, 4))
     full = next((r for r in rows if r["pruner"] == "none"), None)
-    for pruner in dict.fromkeys(r["pruner"] for r in rows if r["pruner"] != "none"):
-        points = sorted((r["kept_tokens"], r["relative_flops"], r["accuracy"]) for r in rows if r["pruner"] == pruner)
-        by_tokens.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=pruner)
-        by_flops.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=pruner)
+    for name in dict.fromkeys(r.get("setting", r["pruner"]) for r in rows if r["pruner"] != "none"):
+        points = sorted((r["kept_tokens"], r["relative_flops"], r["accuracy"]) for r in rows
+                        if r.get("setting", r["pruner"]) == name)
+        by_tokens.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=name)
+        by_flops.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=name)
     if full is not None:
         for axis in (by_tokens, by_flops):
             axis.axhline(full["accuracy"], color="black", linestyle="--", linewidth=1, label="no pruning")
