@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from sparsevl.model.decoder import decoder_forward
 from sparsevl.model.presets import llm_preset_config
-from sparsevl.model.pruning import PruningContext, PruningPlan, PruningStep, prefill_flops
+from sparsevl.model.pruning import PruningContext, PruningPlan, PruningStep
+from sparsevl.model.pruning_cost import prefill_flops
 
 VOCAB = 4096
 

@@ -11,8 +11,8 @@ from transformers import DynamicCache
 from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.decoder import decoder_forward
 from sparsevl.model.projectors import build_projector
-from sparsevl.model.pruning import (PruningPlan, PruningStep, build_pruning_plan, pack_kept, prefill_flops,
-                                    recycle, tokens_per_layer)
+from sparsevl.model.pruning import PruningPlan, PruningStep, build_pruning_plan, pack_kept, recycle
+from sparsevl.model.pruning_cost import prefill_flops, tokens_per_layer
 from sparsevl.train.distill import alignment_loss
 
 ROWS = [prompt_with_image(12, 1), prompt_with_image(5, 2), prompt_with_image(8, 0)]  # unequal lengths
@@ -341,7 +341,7 @@ def test_sparsevlm_budget_is_the_paper_table_at_its_shape_and_scales_to_others()
 
 
 def test_equivalent_tokens_count_recycled_tokens_like_the_paper():
-    from sparsevl.model.pruning import equivalent_tokens, recycled_count
+    from sparsevl.model.pruning_cost import equivalent_tokens, recycled_count
 
     plan = PruningPlan("sparsevlm", (PruningStep(3, 300), PruningStep(7, 200), PruningStep(16, 110)), recycle=True)
     # 276 dropped -> 83 pooled -> 9 clusters; then 109 of 309 -> 33 -> 4; then 94 of 204 -> 29 -> 3

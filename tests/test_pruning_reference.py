@@ -13,7 +13,8 @@ from tiny import IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, r
 
 from sparsevl.model.decoder import causal_lm_parts, decoder_forward
 from sparsevl.model.merging import dpc_knn_merge, visionzip_merge
-from sparsevl.model.pruning import PruningPlan, PruningStep, visionzip_features
+from sparsevl.model.pruning import PruningPlan, PruningStep
+from sparsevl.model.vision_pruning import visionzip_features
 
 ROWS = [prompt_with_image(12, 1), prompt_with_image(5, 2), prompt_with_image(8, 0)]  # unequal lengths, batch 3
 NEW_TOKENS = [[4, 9, 30], [8, 2, 7]]  # two decoding steps for the three rows

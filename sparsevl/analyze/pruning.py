@@ -103,7 +103,7 @@ def kept_patches(model, batch: dict) -> list[int]:
     """Indices of the image patches that reach the last decoder layer for a one-sample batch."""
     import torch
 
-    from sparsevl.model.pruning import cls_attention_patches, visionzip_features
+    from sparsevl.model.vision_pruning import cls_attention_patches, visionzip_features
 
     plan = model.pruning
     with torch.no_grad():

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from sparsevl.model.pruning import equivalent_tokens, prefill_flops, tokens_per_layer
+from sparsevl.model.pruning_cost import equivalent_tokens, prefill_flops, tokens_per_layer
 
 
 def mean_prompt_text_tokens(records: list[dict], tokenizer) -> float:

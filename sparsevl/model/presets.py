@@ -17,6 +17,9 @@ _LLM_PRESETS: dict[str, dict] = {
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096),
     "mid-qwen3": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096),
+    # Qwen3-0.6B's shape (random weights), for benchmarks at LLaVA's 576 visual tokens
+    "qwen3-0.6b-shape": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                             num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096),
 }
 
 _VISION_PRESETS: dict[str, dict] = {

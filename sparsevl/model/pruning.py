@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from sparsevl.model.merging import recycled_tokens, visionzip_merge
+from sparsevl.model.merging import recycled_tokens
 
 PRUNERS = ("none", "sparsevlm", "sparsevlm_weighted", "fastv", "random", "cls_attention", "visionzip")
 BEFORE_LLM = ("cls_attention", "visionzip")
@@ -460,88 +460,6 @@ def recycle(hidden: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor,
             0, nearest, torch.ones(len(member_idx), device=hidden.device))
         hidden[row, center_idx] = sums / sizes[:, None]
     return hidden, centers
-
-
-# ---------------------------------------------------------------------------------------------- before the LLM
-def _vision_layer(vision_tower, hidden_states: tuple[torch.Tensor, ...]):
-    """(layer, its input) of the vision layer whose output is the projected hidden state."""
-    layers = getattr(vision_tower.encoder, "vision_model", vision_tower.encoder).encoder.layers
-    produced_by = vision_tower.select_layer % (len(layers) + 1)  # hidden_states[j] is layer j-1's output
-    return unsharded(layers[produced_by - 1]), hidden_states[produced_by - 1]
-
-
-def cls_attention_heads(vision_tower, hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected vision layer's [CLS] attention row per head (images, heads, 1 + patches) and its keys
-    (images, heads, 1 + patches, head_dim), from the layer's pre-norm and q/k projections."""
-    layer, layer_input = _vision_layer(vision_tower, hidden_states)
-    attn, normed = layer.self_attn, layer.layer_norm1(layer_input)  # (images, 1 + patches, dim)
-    images, tokens, _ = normed.shape
-    query = attn.q_proj(normed[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(images, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-    return (query @ key.transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0], key
-
-
-def cls_attention_patches(vision_tower, hidden_states: tuple[torch.Tensor, ...], num_kept: int) -> torch.Tensor:
-    """(images, num_kept) indices of the patches the [CLS] token attends to most (head-averaged), in order."""
-    probs = cls_attention_heads(vision_tower, hidden_states)[0].mean(1)  # (images, 1 + patches)
-    return probs[:, 1:].topk(num_kept, dim=-1).indices.sort(dim=-1).values
-
-
-def visionzip_features(vision_tower, hidden_states: tuple[torch.Tensor, ...], plan: PruningPlan
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VisionZip's (images, 1 + dominant + contextual, vision_dim) tokens of the projected layer, and the
-    dominant patch indices."""
-    probs, key = cls_attention_heads(vision_tower, hidden_states)
-    features = hidden_states[vision_tower.select_layer]
-    return visionzip_merge(features, probs.sum(1)[:, 1:], key.mean(1), dominant=plan.dominant,
-                           contextual=plan.contextual)
-
-
-# ---------------------------------------------------------------------------------------------- cost
-def layer_flops(config, num_tokens: int) -> float:
-    """Theoretical forward FLOPs of one decoder layer on `num_tokens` (matmuls + causal attention)."""
-    dim, ffn = config.hidden_size, config.intermediate_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or dim // heads
-    linear = dim * heads * head_dim * 2 + 2 * dim * kv_heads * head_dim + 3 * dim * ffn  # q, o, k, v, gated MLP
-    attention = 2 * heads * head_dim * num_tokens * (num_tokens + 1) / 2  # QK^T and PV over the causal half
-    return 2 * num_tokens * linear + 2 * attention
-
-
-def prefill_flops(config, tokens_per_layer: list[int]) -> float:
-    """Theoretical prefill FLOPs: every layer on its own token count, plus the head for the next-token logits."""
-    return sum(layer_flops(config, n) for n in tokens_per_layer) + 2 * config.hidden_size * config.vocab_size
-
-
-def recycled_count(num_dropped: int) -> int:
-    """Clusters SparseVLM v1.5 appends when a stage drops `num_dropped` tokens of one image."""
-    if num_dropped == 0:
-        return 0
-    return (int(num_dropped * 0.3) + 1) // 10 + 1
-
-
-def visual_tokens_per_layer(plan: PruningPlan | None, *, num_layers: int, num_visual: int) -> list[int]:
-    """Visual tokens every decoder layer runs on, for one sample with one image under `plan` (recycled included)."""
-    if plan is not None and plan.before_llm:
-        num_visual = plan.tokens_entering_llm
-    counts, steps = [], {s.layer: s.num_kept for s in (plan.steps if plan else ())}
-    for layer in range(num_layers):
-        if layer in steps:
-            dropped = num_visual - steps[layer]
-            num_visual = steps[layer] + (recycled_count(dropped) if plan.recycle else 0)
-        counts.append(num_visual)
-    return counts
-
-
-def tokens_per_layer(plan: PruningPlan | None, *, num_layers: int, num_text: int, num_visual: int) -> list[int]:
-    """Sequence length at every decoder layer for one sample with one image under `plan`."""
-    return [num_text + v for v in visual_tokens_per_layer(plan, num_layers=num_layers, num_visual=num_visual)]
-
-
-def equivalent_tokens(plan: PruningPlan | None, *, num_layers: int, num_visual: int) -> dict[str, float]:
-    """A setting's visual-token cost: the average over layers (SparseVLM's "budget") and what enters the LLM."""
-    counts = visual_tokens_per_layer(plan, num_layers=num_layers, num_visual=num_visual)
-    return {"avg_visual_tokens_per_layer": sum(counts) / len(counts), "visual_tokens_into_llm": counts[0]}
 
 
 # ---------------------------------------------------------------------------------------------- flags

@@ -15,7 +15,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.decoder import LayerwiseCache, decoder_forward
-from sparsevl.model.pruning import PruningContext, PruningPlan, cls_attention_patches, visionzip_features
+from sparsevl.model.pruning import PruningContext, PruningPlan
+from sparsevl.model.vision_pruning import cls_attention_patches, visionzip_features
 from sparsevl.model.vision import VisionTower
 
 IGNORE_INDEX = -100
