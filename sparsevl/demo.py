@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_test", type=int, default=500, help="held-out test images")
     p.add_argument("--num_simple", type=int, default=2000, help="one-object training images for stage 1")
     p.add_argument("--max_objects", type=int, default=6, help="most objects per stage-2 scene (4x4 grid: <= 16)")
+    p.add_argument("--small_objects", type=int, default=0, help="percent of stage-2 objects drawn small (adds "
+                   "'small' questions)")
     p.add_argument("--qa_per_image", type=int, default=4, help="one-question records per training image")
     p.add_argument("--pretrain_steps", type=int, default=400, help="optimizer steps on one-object scenes")
     p.add_argument("--finetune_steps", type=int, default=1200, help="optimizer steps on 1-6 object scenes")
@@ -49,12 +51,13 @@ def _flags(values: dict) -> list[str]:
 
 
 def make_demo_data(out: Path, *, num_train: int, num_test: int, num_simple: int, qa_per_image: int,
-                   seed: int, max_objects: int = 6) -> tuple[Path, Path, dict]:
+                   seed: int, max_objects: int = 6, small_objects: int = 0) -> tuple[Path, Path, dict]:
     """The demo's data under `out`: data/ (scenes of 1-6 objects), data_simple/ (one object, for stage 1) and
     tokenizer/ (built on data/'s captions and questions). Returns (data dir, simple dir, data/'s counts)."""
     data_dir, simple_dir = out / "data", out / "data_simple"
     counts = generate_shapes_dataset(data_dir, num_train=num_train, num_test=num_test, image_size=64, grid=4,
-                                     min_objects=1, max_objects=max_objects, qa_per_image=qa_per_image, seed=seed)
+                                     min_objects=1, max_objects=max_objects, qa_per_image=qa_per_image, seed=seed,
+                                     small_objects=small_objects)
     generate_shapes_dataset(simple_dir, num_train=num_simple, num_test=0, image_size=64, grid=4, min_objects=1,
                             max_objects=1, qa_per_image=qa_per_image, seed=seed + 1)
     tokenizer = build_tokenizer(texts_from_llava_json([data_dir / "captions.json", data_dir / "finetune.json"]))
@@ -75,7 +78,8 @@ def main(argv: list[str]) -> int:
     timings, started = {}, time.perf_counter()
     data_dir, simple_dir, counts = make_demo_data(out, num_train=args.num_train, num_test=args.num_test,
                                                   num_simple=args.num_simple, qa_per_image=args.qa_per_image,
-                                                  seed=args.seed, max_objects=args.max_objects)
+                                                  seed=args.seed, max_objects=args.max_objects,
+                                                  small_objects=args.small_objects)
     print(f"data: {counts}")
     timings["data_and_tokenizer_s"] = time.perf_counter() - started
 

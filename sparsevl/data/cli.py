@@ -15,6 +15,8 @@ SHAPES_FLAGS = {
     "max_objects": "most objects per image (at most grid*grid and 24 colour-shape pairs)",
     "qa_per_image": "one-question finetune records per training image",
     "seed": "random seed; the same seed gives byte-identical files",
+    "small_objects": "percent of objects drawn small (a quarter of their cell; cells >= 16 px); adds 'small' "
+                     "questions (What colour is the small circle?)",
 }
 
 

@@ -29,6 +29,8 @@ SHAPES = ("circle", "square", "triangle", "cross")
 PAIRS = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)  # canonical order
 QUESTION_TYPES = ("colour", "shape", "count", "position", "exists")
 EVAL_TYPES = ("colour", "shape", "count", "position")  # test_qa.json; exists lives in test_pope.json
+SMALL_TYPE = "small"  # with --small_objects: "What colour is the small circle?" (train and test_qa)
+MIN_SMALL_CELL_PX = 16  # a small object fills a quarter of its cell
 POPE_KINDS = ("random", "popular", "adversarial")
 NEGATIVE_TOP_K = 3  # popular/adversarial negatives are drawn from the top-k ranked candidates
 MIN_CELL_PX = 8
@@ -41,19 +43,21 @@ EXISTS_PLAN = tuple((answer, kind) for kind in POPE_KINDS for answer in ("yes", 
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One shape filling the grid cell at (row, col)."""
+    """One shape filling the grid cell at (row, col), or its top-left quarter when `size` is "small"."""
 
     colour: str
     shape: str
     row: int
     col: int
+    size: str = "large"
 
     @property
     def pair(self) -> tuple[str, str]:
         return (self.colour, self.shape)
 
     def to_dict(self) -> dict:
-        return {"colour": self.colour, "shape": self.shape, "row": self.row, "col": self.col}
+        small = {"size": self.size} if self.size != "large" else {}
+        return {"colour": self.colour, "shape": self.shape, "row": self.row, "col": self.col, **small}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SceneObject":
@@ -82,12 +86,16 @@ def quadrant(obj: SceneObject, grid: int) -> str:
     return f"{vertical} {horizontal}"
 
 
-def sample_scene(rng: np.random.Generator, grid: int, min_objects: int, max_objects: int) -> Scene:
-    """Distinct cells and distinct (colour, shape) pairs, uniform object count."""
+def sample_scene(rng: np.random.Generator, grid: int, min_objects: int, max_objects: int,
+                 small_percent: int = 0) -> Scene:
+    """Distinct cells and distinct (colour, shape) pairs, uniform object count; each object small with
+    probability `small_percent`% (drawn only when > 0, so other datasets keep their random streams)."""
     num_objects = int(rng.integers(min_objects, max_objects + 1))
     cells = sorted(rng.choice(grid * grid, size=num_objects, replace=False).tolist())
     pair_ids = rng.choice(len(PAIRS), size=num_objects, replace=False).tolist()
-    objects = [SceneObject(*PAIRS[p], *divmod(cell, grid)) for cell, p in zip(cells, pair_ids)]
+    small = (rng.random(num_objects) < small_percent / 100).tolist() if small_percent else [False] * num_objects
+    objects = [SceneObject(*PAIRS[p], *divmod(cell, grid), "small" if tiny else "large")
+               for cell, p, tiny in zip(cells, pair_ids, small)]
     return Scene(tuple(objects), grid)
 
 
@@ -95,10 +103,11 @@ def sample_scene(rng: np.random.Generator, grid: int, min_objects: int, max_obje
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, cell_px: int) -> None:
-    """Draw one shape inside its cell, inset by a fixed margin."""
-    margin = max(1, cell_px // 8)
+    """Draw one shape inside its cell (small: the cell's top-left quarter), inset by a fixed margin."""
+    side = cell_px // 2 if obj.size == "small" else cell_px
+    margin = max(1, side // 8)
     x0, y0 = obj.col * cell_px + margin, obj.row * cell_px + margin
-    x1, y1 = x0 + cell_px - 2 * margin - 1, y0 + cell_px - 2 * margin - 1  # inclusive corners
+    x1, y1 = x0 + side - 2 * margin - 1, y0 + side - 2 * margin - 1  # inclusive corners
     fill = COLOURS[obj.colour]
     if obj.shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=fill)
@@ -136,6 +145,7 @@ def question_text(query: dict) -> str:
         "count": "How many objects are there?",
         "position": "Where is the {colour} {shape}?",
         "exists": "Is there a {colour} {shape} in the image?",
+        SMALL_TYPE: "What colour is the small {shape}?",
     }
     if query["type"] not in templates:
         raise ValueError(f"query type {query['type']!r} is not one of {QUESTION_TYPES}")
@@ -157,6 +167,8 @@ def answer_query(scene: Scene, query: dict) -> str:
         return _only([o for o in objects if o.colour == query["colour"]], query).shape
     if qtype == "count":
         return str(len(objects))
+    if qtype == SMALL_TYPE:
+        return _only([o for o in objects if o.shape == query["shape"] and o.size == "small"], query).colour
     pair = (query["colour"], query["shape"])
     if qtype == "position":
         return quadrant(_only([o for o in objects if o.pair == pair], query), scene.grid)
@@ -168,7 +180,8 @@ def answer_query(scene: Scene, query: dict) -> str:
 def caption(scene: Scene) -> str:
     """E.g. "2 objects: red circle top left, blue square bottom right."."""
     noun = "object" if len(scene.objects) == 1 else "objects"
-    parts = [f"{o.colour} {o.shape} {quadrant(o, scene.grid)}" for o in scene.objects]
+    parts = [f"{'small ' if o.size == 'small' else ''}{o.colour} {o.shape} {quadrant(o, scene.grid)}"
+             for o in scene.objects]
     return f"{len(scene.objects)} {noun}: {', '.join(parts)}."
 
 
@@ -182,6 +195,9 @@ def candidate_queries(scene: Scene, qtype: str) -> list[dict]:
         return [{"type": "shape", "colour": c} for c in COLOURS if colours[c] == 1]
     if qtype == "count":
         return [{"type": "count"}]
+    if qtype == SMALL_TYPE:
+        small = Counter(o.shape for o in scene.objects if o.size == "small")
+        return [{"type": SMALL_TYPE, "shape": s} for s in SHAPES if small[s] == 1]
     if qtype in ("position", "exists"):
         return [{"type": qtype, "colour": o.colour, "shape": o.shape} for o in scene.objects]
     raise ValueError(f"query type {qtype!r} is not one of {QUESTION_TYPES}")
@@ -245,14 +261,15 @@ def conversation(turns: list[tuple[str, str]]) -> list[dict]:
     return messages
 
 
-def finetune_queries(scene: Scene, num_questions: int, stats: PairStats, rng, exists_plan: Iterator) -> list[dict]:
-    """Distinct queries mixing all types; exists answers and negative kinds follow `exists_plan`."""
-    num_rounds = -(-num_questions // len(QUESTION_TYPES))
-    wanted = chain.from_iterable(rng.permutation(QUESTION_TYPES).tolist() for _ in range(num_rounds))
+def finetune_queries(scene: Scene, num_questions: int, stats: PairStats, rng, exists_plan: Iterator,
+                     types: tuple[str, ...] = QUESTION_TYPES) -> list[dict]:
+    """Distinct queries mixing all `types`; exists answers and negative kinds follow `exists_plan`."""
+    num_rounds = -(-num_questions // len(types))
+    wanted = chain.from_iterable(rng.permutation(types).tolist() for _ in range(num_rounds))
     asked: list[dict] = []
     for qtype in list(wanted)[:num_questions]:
-        start = QUESTION_TYPES.index(qtype)
-        for fallback in QUESTION_TYPES[start:] + QUESTION_TYPES[:start]:
+        start = types.index(qtype)
+        for fallback in types[start:] + types[:start]:
             query = _fresh_query(scene, fallback, stats, rng, asked, exists_plan)
             if query is not None:
                 asked.append(query)
@@ -270,7 +287,8 @@ def _fresh_query(scene, qtype, stats, rng, asked, exists_plan) -> dict | None:
     return exists_query(scene, answer, kind, stats, rng, asked)
 
 
-def train_records(path: str, scene: Scene, qa_per_image: int, stats, rng, exists_plan) -> tuple[dict, list[dict]]:
+def train_records(path: str, scene: Scene, qa_per_image: int, stats, rng, exists_plan,
+                  types: tuple[str, ...] = QUESTION_TYPES) -> tuple[dict, list[dict]]:
     """The caption record and the one-question finetune records of one train image.
 
     Each question is its own record: in one multi-turn conversation earlier answers give later ones
@@ -283,7 +301,7 @@ def train_records(path: str, scene: Scene, qa_per_image: int, stats, rng, exists
         "image": path,
         "conversations": conversation([(CAPTION_PROMPT, caption(scene))]),
     }
-    queries = finetune_queries(scene, qa_per_image, stats, rng, exists_plan)
+    queries = finetune_queries(scene, qa_per_image, stats, rng, exists_plan, types)
     finetune = [{"id": f"train_{record_id}_q{i}", "image": path,
                  "conversations": conversation([(question_text(q), answer_query(scene, q))]), "query": q}
                 for i, q in enumerate(queries)]
@@ -304,10 +322,10 @@ def qa_record(record_id: str, path: str, scene: Scene, query: dict, **extra) -> 
     }
 
 
-def eval_qa_record(path: str, scene: Scene, rng, asked_types: Counter) -> dict:
+def eval_qa_record(path: str, scene: Scene, rng, asked_types: Counter, types: tuple[str, ...] = EVAL_TYPES) -> dict:
     """One question per test image, of the least-asked type the scene defines (keeps types even)."""
-    queries_by_type = {t: candidate_queries(scene, t) for t in EVAL_TYPES}
-    qtype = min((t for t in EVAL_TYPES if queries_by_type[t]), key=lambda t: asked_types[t])
+    queries_by_type = {t: candidate_queries(scene, t) for t in types}
+    qtype = min((t for t in types if queries_by_type[t]), key=lambda t: asked_types[t])
     asked_types[qtype] += 1
     query = queries_by_type[qtype][int(rng.integers(len(queries_by_type[qtype])))]
     return qa_record(f"test_{Path(path).stem}_{qtype}", path, scene, query)
@@ -329,7 +347,8 @@ def pope_records(path: str, scene: Scene, stats: PairStats, rng) -> list[dict]:
 # ---------------------------------------------------------------- dataset
 
 
-def validate_args(*, num_train, num_test, image_size, grid, min_objects, max_objects, qa_per_image, seed) -> None:
+def validate_args(*, num_train, num_test, image_size, grid, min_objects, max_objects, qa_per_image, seed,
+                  small_objects=0) -> None:
     """Raise ValueError naming the flag whose value cannot make a valid dataset."""
     checks = [
         (num_train >= 1, f"--num_train must be >= 1 (got {num_train}); popular negatives need train scenes"),
@@ -343,6 +362,9 @@ def validate_args(*, num_train, num_test, image_size, grid, min_objects, max_obj
         (max_objects <= len(PAIRS), f"--max_objects={max_objects} exceeds the {len(PAIRS)} distinct colour-shape pairs"),
         (qa_per_image >= 1, f"--qa_per_image must be >= 1 (got {qa_per_image})"),
         (seed >= 0, f"--seed must be >= 0 (got {seed})"),
+        (0 <= small_objects <= 100, f"--small_objects must be a percentage in 0..100 (got {small_objects})"),
+        (not small_objects or image_size // grid >= MIN_SMALL_CELL_PX,
+         f"--small_objects needs cells of >= {MIN_SMALL_CELL_PX} px (--image_size/--grid gives {image_size // grid})"),
     ]
     for ok, message in checks:
         if not ok:
@@ -363,10 +385,12 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, RNG_STREAMS.index(stream)])
 
 
-def _sample_split(split: str, count: int, seed: int, grid: int, min_objects: int, max_objects: int) -> list:
+def _sample_split(split: str, count: int, seed: int, grid: int, min_objects: int, max_objects: int,
+                  small_objects: int = 0) -> list:
     """(image path, scene) pairs of one split, drawn from the split's own stream."""
     rng = _rng(seed, f"{split}_scenes")
-    return [(f"images/{split}/{i:06d}.png", sample_scene(rng, grid, min_objects, max_objects)) for i in range(count)]
+    return [(f"images/{split}/{i:06d}.png", sample_scene(rng, grid, min_objects, max_objects, small_objects))
+            for i in range(count)]
 
 
 def _write_images(out: Path, samples: list, image_size: int) -> None:
@@ -401,23 +425,31 @@ def generate_shapes_dataset(
     max_objects: int = 6,
     qa_per_image: int = 4,
     seed: int = 0,
+    small_objects: int = 0,
 ) -> dict:
-    """Write the benchmark (images, captions, finetune, test QA, POPE, scenes, meta) under out_dir."""
+    """Write the benchmark (images, captions, finetune, test QA, POPE, scenes, meta) under out_dir.
+
+    `small_objects`: the percentage of objects drawn small (a quarter of their cell), which adds the "small"
+    question type ("What colour is the small circle?") to finetune and test_qa; 0 leaves every file unchanged."""
     args = dict(num_train=num_train, num_test=num_test, image_size=image_size, grid=grid,
                 min_objects=min_objects, max_objects=max_objects, qa_per_image=qa_per_image, seed=seed)
+    if small_objects:
+        args["small_objects"] = small_objects
     validate_args(**args)
     out = Path(out_dir)
-    samples = {split: _sample_split(split, args[f"num_{split}"], seed, grid, min_objects, max_objects)
+    samples = {split: _sample_split(split, args[f"num_{split}"], seed, grid, min_objects, max_objects, small_objects)
                for split in ("train", "test")}
+    extra = (SMALL_TYPE,) if small_objects else ()
     stats = PairStats.from_scenes([scene for _, scene in samples["train"]])
     _write_images(out, samples["train"] + samples["test"], image_size)
 
     rng, exists_plan = _rng(seed, "train_questions"), cycle(EXISTS_PLAN)
-    train = [train_records(path, scene, qa_per_image, stats, rng, exists_plan) for path, scene in samples["train"]]
+    train = [train_records(path, scene, qa_per_image, stats, rng, exists_plan, QUESTION_TYPES + extra)
+             for path, scene in samples["train"]]
     captions, finetune = [c for c, _ in train], [record for _, records in train for record in records]
     rng = _rng(seed, "test_questions")
     asked_types = Counter()
-    test_qa = [eval_qa_record(path, scene, rng, asked_types) for path, scene in samples["test"]]
+    test_qa = [eval_qa_record(path, scene, rng, asked_types, EVAL_TYPES + extra) for path, scene in samples["test"]]
     test_pope = [r for path, scene in samples["test"] for r in pope_records(path, scene, stats, rng)]
 
     outputs = {"captions": captions, "finetune": finetune, "test_qa": test_qa, "test_pope": test_pope}
