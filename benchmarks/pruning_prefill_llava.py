@@ -18,14 +18,13 @@ Target: measured / predicted >= 0.85 at every budget.
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 
 from sparsevl.config import ModelArguments
 from sparsevl.model.build import build_model
 from sparsevl.model.decoder import decoder_forward
-from sparsevl.model.pruning import build_pruning_plan
+from sparsevl.model.pruning import build_pruning_plan, pruning_arguments
 from sparsevl.model.pruning_cost import equivalent_tokens, prefill_flops
 
 VOCAB = 151936
@@ -45,10 +44,7 @@ def interleaved_medians(functions, *, repeats: int) -> list[float]:
 
 
 def budget_plan(model, budget: int):
-    flags = dict(token_pruner="sparsevlm", pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
-                 num_recycled_tokens=0, sparsevlm_budget=budget, sparsevlm_recycling="", dominant=None,
-                 contextual=None)
-    return build_pruning_plan(SimpleNamespace(**flags), model)
+    return build_pruning_plan(pruning_arguments("sparsevlm", sparsevlm_budget=budget), model)
 
 
 def main() -> None:

@@ -89,8 +89,8 @@ class ModelArguments:
         "stage table (prune outputs of layers 2,6,15 to 300/200/110, 303/110/36 or 66/30/17 of 576 tokens) scaled "
         "to this model: layer round((l+1) x layers/32) - 1, count round(c x visual tokens/576).")})
     sparsevlm_recycling: str = field(default="", metadata={"help": (
-        "sparsevlm: on (default; v1.5) or off. On: the top 30% (+1) of each stage's dropped tokens are clustered "
-        "(DPC-kNN) into floor(n/10)+1 averaged tokens appended after the kept visual tokens.")})
+        "sparsevlm: on (default; v1.5) or off. On: the top 30 percent (+1) of each stage's dropped tokens are "
+        "clustered (DPC-kNN) into floor(n/10)+1 averaged tokens appended after the kept visual tokens.")})
     dominant: int | None = field(default=None, metadata={"help": (
         "visionzip: dominant patches kept by [CLS] attention (the [CLS] token is kept too; paper: 54, 108, 162).")})
     contextual: int | None = field(default=None, metadata={"help": (

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 from sparsevl.model.cache_kwarg import cache_kwarg
 from sparsevl.model.decoder import decoder_forward
 from sparsevl.model.projectors import build_projector
-from sparsevl.model.pruning import PruningPlan, PruningStep, build_pruning_plan, pack_kept, recycle
+from sparsevl.model.pruning import (PruningPlan, PruningStep, build_pruning_plan, pack_kept, pruning_arguments,
+                                    recycle)
 from sparsevl.model.pruning_cost import prefill_flops, tokens_per_layer
 from sparsevl.train.distill import alignment_loss
 
@@ -261,11 +262,8 @@ def test_prefill_flops_follow_the_schedule():
     assert prefill_flops(config, counts) == pytest.approx(expected)
 
 
-def plan_args(**values):
-    defaults = dict(token_pruner="sparsevlm", pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
-                    num_recycled_tokens=0, sparsevlm_budget=None, sparsevlm_recycling="", dominant=None,
-                    contextual=None)
-    return SimpleNamespace(**{**defaults, **values})
+def plan_args(token_pruner="sparsevlm", **values):
+    return pruning_arguments(token_pruner, **values)
 
 
 def test_schedules_resolve_counts_and_ratios():

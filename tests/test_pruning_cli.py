@@ -97,3 +97,15 @@ def test_sparse_distill_without_an_in_llm_pruner_is_a_clear_error(checkpoint, sh
         train(*parse_train_args(train_flags(shapes_dir, shapes_tokenizer, tmp_path / "d", max_steps=1,
                                             stage="sparse_distill", model_name_or_path=checkpoint,
                                             token_pruner="cls_attention", retained_tokens=8)))
+
+
+def test_help_states_what_pruning_layers_mean_per_pruner(capsys):
+    for command in (["eval", "--help"], ["analyze", "pruning", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse %-formats help: a stray % would raise here
+            sparsevl(command)
+        assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--sparsevlm_budget", "--sparsevlm_recycling", "--dominant", "--contextual",
+                   "sparsevlm: layers whose *output* is pruned", "fastv: K, the first layer on the kept tokens",
+                   "three stages"):
+        assert phrase in text, phrase

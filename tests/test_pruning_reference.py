@@ -248,14 +248,10 @@ def reference_visionzip(encoder, pixels, layer_index, dominant, contextual):
 
 @pytest.mark.parametrize("llm", ["tiny-qwen3", "tiny-llama"])
 def test_reference_visionzip_tokens_logits_and_decoding(llm):
-    from types import SimpleNamespace
+    from sparsevl.model.pruning import build_pruning_plan, pruning_arguments
 
-    from sparsevl.model.pruning import build_pruning_plan
-
-    model, args = make_model(llm, "tiny-clip", mm_vision_select_layer=-2)
-    flags = dict(token_pruner="visionzip", pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
-                 num_recycled_tokens=0, sparsevlm_budget=None, sparsevlm_recycling="", dominant=10, contextual=6)
-    model.pruning = build_pruning_plan(SimpleNamespace(**flags), model)
+    model, _ = make_model(llm, "tiny-clip", mm_vision_select_layer=-2)
+    model.pruning = build_pruning_plan(pruning_arguments("visionzip", dominant=10, contextual=6), model)
     assert model.num_image_tokens == 17
     pixels = random_pixels(len(ROWS))
     encoder = model.vision_tower.encoder

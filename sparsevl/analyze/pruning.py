@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 PRUNERS = ("sparsevlm", "sparsevlm_weighted", "fastv", "random", "cls_attention", "visionzip")
 
@@ -43,14 +42,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_arguments(pruner: str, **flags) -> SimpleNamespace:
-    """All pruning flags of one setting, as `build_pruning_plan` reads them (unset ones at their defaults)."""
-    defaults = dict(token_pruner=pruner, pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
-                    num_recycled_tokens=0, sparsevlm_budget=None, sparsevlm_recycling="", dominant=None,
-                    contextual=None)
-    return SimpleNamespace(**{**defaults, **flags})
-
-
 def three_stage_schedule(count: int, *, layer: int, num_layers: int, num_visual: int) -> tuple[list[int], list[int]]:
     """(first layers on kept tokens, counts) of three stages with the one-stage setting's average visual tokens."""
     from sparsevl.model.pruning import sparsevlm_schedule
@@ -70,8 +61,10 @@ def three_stage_schedule(count: int, *, layer: int, num_layers: int, num_visual:
     return first, best[1]
 
 
-def settings(args, model) -> list[tuple[str, str, int, SimpleNamespace | None]]:
-    """(setting name, pruner, kept tokens, flags) of every run, the unpruned model first."""
+def settings(args, model) -> list[tuple[str, str, int, object]]:
+    """(setting name, pruner, kept tokens, pruning flags or None) of every run, the unpruned model first."""
+    from sparsevl.model.pruning import pruning_arguments as plan_arguments
+
     config, visual = model.llm.config, model.num_projected_tokens
     runs = [("none", "none", visual, None)]
     for count in (int(c) for c in args.retained_tokens.split(",") if c):

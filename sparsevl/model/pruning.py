@@ -31,6 +31,7 @@ fastv raise an error naming `--token_pruner` (use `random`, `cls_attention` or `
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -213,11 +214,9 @@ def _reject_unused(args) -> None:
 
 
 def _given_flags(args) -> set[str]:
-    """Pruning flags set away from their 'not given' value."""
-    unset = {"pruning_layers": "", "retained_tokens": "", "fastv_k": None, "fastv_ratio": None,
-             "num_recycled_tokens": 0, "sparsevlm_budget": None, "sparsevlm_recycling": "", "dominant": None,
-             "contextual": None}
-    return {name for name, value in unset.items() if getattr(args, name) != value}
+    """Pruning flags (other than --token_pruner) set away from their defaults."""
+    defaults = vars(pruning_arguments("none"))
+    return {name for name, value in defaults.items() if name != "token_pruner" and getattr(args, name) != value}
 
 
 def _checked_steps(pruner: str, layers: list[int], counts: list[int], *, num_layers: int) -> list[PruningStep]:
@@ -466,6 +465,19 @@ def recycle(hidden: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor,
 PRUNING_FLAG_TYPES = {"token_pruner": str, "pruning_layers": str, "retained_tokens": str, "fastv_k": int,
                       "fastv_ratio": float, "num_recycled_tokens": int, "sparsevlm_budget": int,
                       "sparsevlm_recycling": str, "dominant": int, "contextual": int}
+
+
+def pruning_arguments(token_pruner: str, **values) -> SimpleNamespace:
+    """All pruning flags as `build_pruning_plan` reads them: `ModelArguments`' defaults, overridden by `values`."""
+    from dataclasses import fields
+
+    from sparsevl.config import ModelArguments
+
+    defaults = {item.name: item.default for item in fields(ModelArguments) if item.name in PRUNING_FLAG_TYPES}
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown pruning flag(s) {unknown}; known: {sorted(defaults)}")
+    return SimpleNamespace(**{**defaults, "token_pruner": token_pruner, **values})
 
 
 def add_pruning_flags(parser) -> None:
