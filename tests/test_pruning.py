@@ -289,6 +289,8 @@ def test_schedules_resolve_counts_and_ratios():
     (dict(pruning_layers="1", retained_tokens="1.5"), "--retained_tokens: 1.5 is neither"),
     (dict(pruning_layers="1,2", retained_tokens="16"), "--pruning_layers has 2 values but --retained_tokens has 1"),
     (dict(pruning_layers="1"), "needs --pruning_layers and --retained_tokens"),
+    (dict(token_pruner="fastv", pruning_layers="2"), "--token_pruner fastv needs --pruning_layers and --retained"),
+    (dict(pruning_layers="1,x", retained_tokens="4"), "--pruning_layers '1,x': expected comma-separated numbers"),
     (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown"),
     (dict(token_pruner="none", retained_tokens="8"), "--retained_tokens applies to .*, not none"),
     (dict(fastv_k=2), "--fastv_k applies to --token_pruner fastv, not sparsevlm"),

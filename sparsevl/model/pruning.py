@@ -200,17 +200,20 @@ def _reject_unused(args) -> None:
         raise ValueError("give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/"
                          "--retained_tokens, not both")
     schedule = {"pruning_layers", "retained_tokens"}
-    if pruner in ("sparsevlm_weighted", "random") or (pruner == "sparsevlm" and "sparsevlm_budget" not in given):
+    needs_schedule = pruner in ("sparsevlm_weighted", "random") or (pruner == "sparsevlm" and
+                                                                     "sparsevlm_budget" not in given)
+    if needs_schedule or (pruner == "fastv" and given & schedule):
         if not schedule <= given:
             raise ValueError(f"--token_pruner {pruner} needs --pruning_layers and --retained_tokens"
                              + (" (or --sparsevlm_budget)" if pruner == "sparsevlm" else ""))
     if pruner == "visionzip" and not {"dominant", "contextual"} <= given:
         raise ValueError("--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, "
                          "162+30)")
-    if pruner in PRUNER_RULES and schedule <= given and len(parse_schedule(args.pruning_layers, "")) != len(
-            parse_schedule(args.retained_tokens, "")):
-        raise ValueError(f"--pruning_layers has {len(parse_schedule(args.pruning_layers, ''))} values but "
-                         f"--retained_tokens has {len(parse_schedule(args.retained_tokens, ''))}")
+    if pruner in PRUNER_RULES and schedule <= given:
+        layers = parse_schedule(args.pruning_layers, "--pruning_layers")
+        counts = parse_schedule(args.retained_tokens, "--retained_tokens")
+        if len(layers) != len(counts):
+            raise ValueError(f"--pruning_layers has {len(layers)} values but --retained_tokens has {len(counts)}")
 
 
 def _given_flags(args) -> set[str]:
