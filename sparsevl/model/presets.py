@@ -9,8 +9,6 @@ from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig, SiglipV
 _LLM_PRESETS: dict[str, dict] = {
     "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024),
-    "tiny-qwen3-8": dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024),
     "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "mid-llama": dict(model_type="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
