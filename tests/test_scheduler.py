@@ -3,26 +3,23 @@ alone (oracle: `SparseVLM.generate` without a KV cache, one prompt at a time), w
 inside the LLM; per-request sampling, stop strings and early exit."""
 
 import threading
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from sparsevl.eval.run import load_for_inference
-from sparsevl.model.pruning import build_pruning_plan
+from sparsevl.model.pruning import build_pruning_plan, pruning_arguments
 from sparsevl.serve.answer_text import AnswerText
 from sparsevl.serve.decode_rows import DecodeRows
 from sparsevl.serve.sampling import SamplingParams, next_token, top_p_filter
 from sparsevl.serve.scheduler import Delta, Finished, GenerationRequest, QueueFull, Scheduler
 
 PLANS = {"none": None, "fastv": dict(token_pruner="fastv", fastv_k=1, fastv_ratio=0.25),
-         "sparsevlm": dict(token_pruner="sparsevlm", pruning_layers="0,1", retained_tokens="32,8")}
+         "sparsevlm": dict(token_pruner="sparsevlm", pruning_layers="0,1", retained_tokens="32,8",
+                           sparsevlm_recycling="off")}
 
 
-def plan_args(**values):
-    defaults = dict(token_pruner="none", pruning_layers="", retained_tokens="", fastv_k=None, fastv_ratio=None,
-                    num_recycled_tokens=0)
-    return SimpleNamespace(**{**defaults, **values})
+def plan_args(token_pruner: str, **values):
+    return pruning_arguments(token_pruner, **values)
 
 
 @pytest.fixture(scope="module")
