@@ -273,13 +273,15 @@ LOOP_DISPATCH_MAX_ASSIGNMENTS = 16
 
 
 def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module, kept: Tensor | None = None, *,
-             loop_max_assignments: int = LOOP_DISPATCH_MAX_ASSIGNMENTS) -> tuple[Tensor, Tensor]:
+             loop_max_assignments: int | None = None) -> tuple[Tensor, Tensor]:
     """Group token copies by expert, run each expert on its own slice, sum weighted outputs back per token.
 
     `kept` (tokens, top_k) bool leaves out dropped assignments (see `capacity_mask`). Returns (output
     (tokens, out_dim), routed tokens_per_expert before drops). At most `loop_max_assignments` kept assignments
-    take `_loop_dispatch`, more the sorted grouped matmul.
+    (default LOOP_DISPATCH_MAX_ASSIGNMENTS) take `_loop_dispatch`, more the sorted grouped matmul.
     """
+    if loop_max_assignments is None:
+        loop_max_assignments = LOOP_DISPATCH_MAX_ASSIGNMENTS
     num_tokens, top_k = router_output.indices.shape
     expert_ids = router_output.indices.t().reshape(-1)  # (top_k * tokens,) choice-major
     tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
