@@ -216,9 +216,13 @@ def test_expert_usage_table_and_values():
 def test_stage_moe_trains_the_upstream_set_logs_usage_and_analyzes(tmp_path, shapes_dir, shapes_tokenizer,
                                                                      tiny_checkpoint, capsys):
     out = tmp_path / "stage3"
+    readme_flags = ["--num_experts", "4", "--top_k_experts", "2", "--moe_mode", "sparse", "--capacity_factor", "1.5",
+                    "--eval_capacity_factor", "2.0", "--min_capacity", "0", "--second_expert_policy", "sampling",
+                    "--balance_loss_count", "top1", "--router_aux_loss_coef", "0.01", "--train_modules", "gate_proj",
+                    "up_proj", "down_proj", "wg", "--use_residual", "False"]  # the README's command: the defaults
     argv = ["train", "--stage", "moe", *train_flags(shapes_dir, shapes_tokenizer, out, model_name_or_path=tiny_checkpoint,
                                                     max_steps=4, logging_steps=2, per_device_train_batch_size=8,
-                                                    report_to="none")]
+                                                    report_to="none"), *readme_flags]
     assert cli_main(argv) == 0
     assert "llm.layer0" in capsys.readouterr().out  # the expert-usage table
     history = json.loads((out / "log_history.json").read_text())

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -101,9 +102,12 @@ class TopKRouter(nn.Module):
 
 
 def gumbel_noise(shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Gumbel(0, 1) samples from torch's global generator (torch.distributions.Gumbel, as DeepSpeed draws them)."""
-    zero, one = torch.zeros((), device=device), torch.ones((), device=device)
-    return torch.distributions.Gumbel(zero, one).sample(shape)
+    """Gumbel(0, 1) samples from torch's global generator, the values torch.distributions.Gumbel(0, 1).sample draws
+    (DeepSpeed's gumbel_rsample): -log(-log(u)), u = tiny + U(0, 1) x (1 - eps - tiny). Written out because
+    building the distribution object costs about a millisecond per call."""
+    finfo = torch.finfo(torch.float32)
+    uniform = finfo.tiny + torch.rand(shape, device=device) * (1 - finfo.eps - finfo.tiny)
+    return -torch.log(-torch.log(uniform))
 
 
 def _gumbel_choices(logits: Tensor, first: Tensor, top_k: int) -> Tensor:
@@ -302,12 +306,19 @@ def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module, kept: T
 
 def _loop_dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module, kept: Tensor | None) -> Tensor:
     """Decode-size dispatch: a plain loop over the distinct experts the kept assignments touch."""
-    indices, weights = router_output.indices, router_output.weights.to(x.dtype)
-    valid = torch.ones_like(indices, dtype=torch.bool) if kept is None else kept
+    indices, weights = router_output.indices.tolist(), router_output.weights.to(x.dtype)
+    valid = None if kept is None else kept.tolist()
+    rows: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (tokens, choices)
+    for token, experts_of_token in enumerate(indices):
+        for choice, e in enumerate(experts_of_token):
+            if valid is None or valid[token][choice]:
+                rows.setdefault(e, ([], []))[0].append(token)
+                rows[e][1].append(choice)
     out = x.new_zeros(x.shape[0], experts.out_dim)
-    for e in indices[valid].unique().tolist():
-        token, choice = ((indices == e) & valid).nonzero(as_tuple=True)
-        out = out.index_add(0, token, experts.expert_forward(e, x[token]) * weights[token, choice].unsqueeze(1))
+    for e, (tokens, choices) in rows.items():
+        token = torch.tensor(tokens, device=x.device)
+        gate = weights[token, torch.tensor(choices, device=x.device)].unsqueeze(1)  # (n, 1)
+        out = out.index_add(0, token, experts.expert_forward(e, x[token]) * gate)
     return out
 
 
@@ -361,8 +372,8 @@ class MoELayer(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is None:
             return None
-        scaled = torch.tensor(factor * self.router.top_k, dtype=torch.float32) * (num_tokens / self.router.num_experts)
-        return max(self.min_capacity, math.ceil(scaled.item()))
+        scaled = _float32(_float32(factor * self.router.top_k) * _float32(num_tokens / self.router.num_experts))
+        return max(self.min_capacity, math.ceil(scaled))
 
     def forward(self, x: Tensor) -> MoEOutput:
         """x (..., dim) -> MoEOutput with hidden_states (..., out_dim)."""
@@ -388,7 +399,7 @@ class MoELayer(nn.Module):
         """Capacity mask of this call's assignments (None without a capacity limit)."""
         num_tokens = routing.indices.shape[0]
         capacity = self.capacity(num_tokens)
-        if capacity is None:
+        if capacity is None or capacity >= num_tokens:  # a token takes an expert once: nothing can overflow
             return None
         priority = None
         if self.random_token_selection:  # DeepSpeed draws one U(0, 1) per (token, expert)
@@ -405,6 +416,11 @@ class MoELayer(nn.Module):
         """Zero the accumulated expert_token_counts and dropped_token_count."""
         self.expert_token_counts.zero_()
         self.dropped_token_count.zero_()
+
+
+def _float32(value: float) -> float:
+    """`value` rounded to float32 (a product of two float32 values is exact in float64, so this rounds it once)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @contextlib.contextmanager
