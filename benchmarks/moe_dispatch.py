@@ -8,7 +8,7 @@ and all weights); decode-sized cases (1, 16, 64 and 4096 tokens) time forward un
 against (distinct experts touched x dense). Prompt-sized variants are timed in interleaved rounds so that
 load from other processes hits all alike.
 
-    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc]
+    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc] [--decode-only]
 """
 
 import argparse
@@ -204,13 +204,15 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's allocator defaults instead of the `sparsevl` command's tuning")
+    parser.add_argument("--decode-only", action="store_true", help="skip the 4096-token forward+backward case")
     args = parser.parse_args()
     tuned = not args.default_malloc and tune_cpu_allocator()
     print(f"allocator: {'tuned as by the sparsevl command (sparsevl/runtime.py)' if tuned else 'glibc defaults'}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = build()
-    prompt_case(*models, args.repeats)
+    if not args.decode_only:
+        prompt_case(*models, args.repeats)
     print("== decode sizes, forward only (no_grad), eval mode ==")
     models[0].eval()
     models[1].eval()
