@@ -122,7 +122,8 @@ def prompt_case(moe, loop_moe, hf_block, config, dense, repeats):
     }
     print(f"== {TOKENS} tokens, d={DIM}, ffn={FFN}, {EXPERTS} experts, top-{TOP_K}, fp32, forward+backward, "
           f"training mode (capacity {moe.capacity(TOKENS)} per expert) ==")
-    print(f"max |ours - transformers Qwen3Moe| with Qwen3-MoE's routing = {qwen3_routing_gap(moe, hf_block, config, x):.2e}"
+    gap = qwen3_routing_gap(moe, hf_block, config, x)
+    print(f"max |ours - transformers Qwen3Moe| with Qwen3-MoE's routing = {gap:.2e}"
           f"  (transformers batched_mm skipped: it gathers one weight matrix per assignment, "
           f"{TOKENS * TOP_K * 3 * FFN * DIM * 4 / 2**30:.0f} GiB here)")
     torch.manual_seed(0)
