@@ -1,11 +1,14 @@
 """MoE dispatch cost on CPU: ratios against a dense FFN, the naive oracle, a per-expert loop and transformers.
 
 Setup: 4096 tokens, d=512, ffn 2048, 8 experts, top-2, fp32, 2 threads, GatedMLPExperts (SiLU-gated,
-the Qwen3-MoE / upcycled-LLaMA expert) against one dense LlamaMLP of the same size. Prompt-sized cases
-time forward+backward (grads of input and all weights); decode-sized cases time forward under no_grad.
-Prompt-sized variants are timed in interleaved rounds so that load from other processes hits all alike.
+the Qwen3-MoE / upcycled-LLaMA expert) against one dense LlamaMLP of the same size. Our layer routes with
+MoE-Tuning's defaults (MoE-LLaVA's: Gumbel-sampled second expert, capacity factor 1.5 in training and 2.0 in
+eval, kept weights renormalised). Prompt-sized cases time forward+backward in training mode (grads of input
+and all weights); decode-sized cases (1, 16, 64 and 4096 tokens) time forward under no_grad in eval mode,
+against (distinct experts touched x dense). Prompt-sized variants are timed in interleaved rounds so that
+load from other processes hits all alike.
 
-    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc]
+    PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc] [--decode-only]
 """
 
 import argparse
@@ -18,6 +21,7 @@ from transformers import LlamaConfig, Qwen3MoeConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
+import sparsevl.model.moe as moe_module
 from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter, dispatch_reference
 from sparsevl.runtime import tune_cpu_allocator
 
@@ -33,12 +37,14 @@ class LoopGatedExperts(GatedMLPExperts):
 
 
 def build():
-    """Our MoE layer, a loop-dispatch twin, a transformers Qwen3-MoE block and a dense MLP, sharing weights."""
-    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=EXPERTS, top_k=TOP_K),
-                   experts=GatedMLPExperts(num_experts=EXPERTS, dim=DIM, hidden_dim=FFN))
+    """Our MoE layer (MoE-Tuning's routing), a loop-dispatch twin, a transformers Qwen3-MoE block and a dense
+    MLP, sharing weights."""
+    router = TopKRouter(dim=DIM, num_experts=EXPERTS, top_k=TOP_K, second_expert_policy="sampling")
+    moe = MoELayer(router=router, experts=GatedMLPExperts(num_experts=EXPERTS, dim=DIM, hidden_dim=FFN),
+                   capacity_factor=1.5, eval_capacity_factor=2.0, balance_count="top1")
     loop_experts = LoopGatedExperts(num_experts=EXPERTS, dim=DIM, hidden_dim=FFN)
     loop_experts.load_state_dict(moe.experts.state_dict())
-    loop_moe = MoELayer(router=moe.router, experts=loop_experts)
+    loop_moe = MoELayer(router=moe.router, experts=loop_experts, capacity_factor=1.5, eval_capacity_factor=2.0)
     config = Qwen3MoeConfig(hidden_size=DIM, moe_intermediate_size=FFN, num_experts=EXPERTS,
                             num_experts_per_tok=TOP_K, norm_topk_prob=True)
     hf_block = Qwen3MoeSparseMoeBlock(config)
@@ -114,11 +120,14 @@ def prompt_case(moe, loop_moe, hf_block, config, dense, repeats):
         **{f"transformers Qwen3Moe {impl}": train_step(hf_forward(hf_block, config, impl), hf_block, x, grad_out)
            for impl in ("eager", "grouped_mm")},
     }
-    with torch.no_grad():
-        gap = (ours(x) - hf_forward(hf_block, config, "grouped_mm")(x)).abs().max().item()
-    print(f"== {TOKENS} tokens, d={DIM}, ffn={FFN}, {EXPERTS} experts, top-{TOP_K}, fp32, forward+backward ==")
-    print(f"max |ours - transformers Qwen3Moe| = {gap:.2e}  (transformers batched_mm skipped: it gathers "
-          f"one weight matrix per assignment, {TOKENS * TOP_K * 3 * FFN * DIM * 4 / 2**30:.0f} GiB here)")
+    print(f"== {TOKENS} tokens, d={DIM}, ffn={FFN}, {EXPERTS} experts, top-{TOP_K}, fp32, forward+backward, "
+          f"training mode (capacity {moe.capacity(TOKENS)} per expert) ==")
+    gap = qwen3_routing_gap(moe, hf_block, config, x)
+    print(f"max |ours - transformers Qwen3Moe| with Qwen3-MoE's routing = {gap:.2e}"
+          f"  (transformers batched_mm skipped: it gathers one weight matrix per assignment, "
+          f"{TOKENS * TOP_K * 3 * FFN * DIM * 4 / 2**30:.0f} GiB here)")
+    torch.manual_seed(0)
+    print(f"assignments dropped by the capacity in one call: {moe(x).dropped_tokens} of {TOKENS * TOP_K}")
     ms = medians_ms(steps, repeats)
     dense_wall, dense_cpu = ms.pop("dense")
     print(f"{'':40s} {'wall ms':>9s} {'/(2 dense)':>10s} {'cpu ms':>9s} {'/(2 dense)':>10s}")
@@ -136,13 +145,44 @@ def prompt_case(moe, loop_moe, hf_block, config, dense, repeats):
 
 
 @torch.no_grad()
+def qwen3_routing_gap(moe, hf_block, config, x):
+    """Largest |difference| to transformers' block with our layer routed as Qwen3-MoE (argmax, no capacity)."""
+    saved = moe.router.second_expert_policy, moe.capacity_factor
+    moe.router.second_expert_policy, moe.capacity_factor = "argmax", None
+    try:
+        return (moe(x).hidden_states - hf_forward(hf_block, config, "grouped_mm")(x)).abs().max().item()
+    finally:
+        moe.router.second_expert_policy, moe.capacity_factor = saved
+
+
+def seeded_moe(moe, loop_max=None):
+    """Our layer with the generator state restored before each call (the same Gumbel noise, so the same routing,
+    every call; torch.manual_seed would cost ~1 ms) and, when given, the dispatch's loop threshold forced
+    (0: always the grouped matmul; large: always the loop)."""
+    state = torch.get_rng_state()
+
+    def step(x):
+        torch.set_rng_state(state)
+        saved = moe_module.LOOP_DISPATCH_MAX_ASSIGNMENTS
+        if loop_max is not None:
+            moe_module.LOOP_DISPATCH_MAX_ASSIGNMENTS = loop_max
+        try:
+            return moe(x)
+        finally:
+            moe_module.LOOP_DISPATCH_MAX_ASSIGNMENTS = saved
+    return step
+
+
+@torch.no_grad()
 def decode_case(num_tokens, moe, loop_moe, hf_block, config, dense, repeats):
     x = torch.randn(num_tokens, DIM)
-    touched = moe.router(x).indices.unique().numel()
+    ours, loop, grouped = seeded_moe(moe), seeded_moe(moe, 10**9), seeded_moe(moe, 0)
+    touched = ours(x).router.indices.unique().numel()
     steps = {
         "dense": lambda: dense(x),
-        "sparsevl grouped_mm": lambda: moe(x),
-        "sparsevl loop": lambda: loop_moe(x),
+        "sparsevl MoELayer (library)": lambda: ours(x),
+        "sparsevl, loop dispatch": lambda: loop(x),
+        "sparsevl, grouped_mm dispatch": lambda: grouped(x),
         "hf eager": lambda: hf_forward(hf_block, config, "eager")(x),
         "hf grouped_mm": lambda: hf_forward(hf_block, config, "grouped_mm")(x),
     }
@@ -150,10 +190,13 @@ def decode_case(num_tokens, moe, loop_moe, hf_block, config, dense, repeats):
         steps["hf batched_mm"] = lambda: hf_forward(hf_block, config, "batched_mm")(x)
     ms = medians_ms(steps, repeats, interleave=False)
     dense_wall, dense_cpu = ms.pop("dense")
-    print(f"{num_tokens:3d} tokens, {touched} distinct experts touched; dense {dense_wall:.2f} ms wall, "
-          f"{dense_cpu:.2f} ms cpu; time / dense (wall, cpu):")
+    print(f"{num_tokens:4d} tokens, {touched} distinct experts touched; dense {dense_wall:.2f} ms wall, "
+          f"{dense_cpu:.2f} ms cpu; time / dense and / ({touched} x dense), wall and cpu:")
     for name, (wall, cpu) in ms.items():
-        print(f"      {name:20s} {wall / dense_wall:6.2f} {cpu / dense_cpu:6.2f}")
+        print(f"      {name:30s} {wall / dense_wall:6.2f} {cpu / dense_cpu:6.2f}   "
+              f"{wall / (touched * dense_wall):6.2f} {cpu / (touched * dense_cpu):6.2f}")
+    wall, cpu = ms["sparsevl MoELayer (library)"]
+    return num_tokens, touched, wall / (touched * dense_wall), cpu / (touched * dense_cpu)
 
 
 def main():
@@ -162,16 +205,24 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's allocator defaults instead of the `sparsevl` command's tuning")
+    parser.add_argument("--decode-only", action="store_true", help="skip the 4096-token forward+backward case")
     args = parser.parse_args()
     tuned = not args.default_malloc and tune_cpu_allocator()
     print(f"allocator: {'tuned as by the sparsevl command (sparsevl/runtime.py)' if tuned else 'glibc defaults'}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = build()
-    prompt_case(*models, args.repeats)
-    print("== decode sizes, forward only (no_grad) ==")
-    for num_tokens in (1, 16, 64):
-        decode_case(num_tokens, *models, repeats=20 * args.repeats)
+    if not args.decode_only:
+        prompt_case(*models, args.repeats)
+    print("== decode sizes, forward only (no_grad), eval mode ==")
+    models[0].eval()
+    models[1].eval()
+    results = [decode_case(num_tokens, *models, repeats=(20 if num_tokens <= 64 else 1) * args.repeats)
+               for num_tokens in (1, 16, 64, 4096)]
+    for num_tokens, touched, wall, cpu in results:
+        target = "  (target <= 1.3)" if num_tokens <= 16 else ""
+        print(f"decode {num_tokens} tokens: time(MoE) / ({touched} experts touched x time(dense)): "
+              f"wall {wall:.2f}, cpu {cpu:.2f}{target}")
 
 
 if __name__ == "__main__":

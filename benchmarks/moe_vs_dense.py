@@ -1,14 +1,17 @@
 """MoE-Tuning on the built-in benchmark: a dense stage-2 model vs its stage-3 MoE (top-k of E experts).
 
-From one dense checkpoint, two runs with the same data, steps, batch, learning rate and seed:
+From one dense checkpoint, runs with the same data, steps, batch, learning rate and seed:
   dense: `--stage finetune` continued (LLM + projector train),
-  moe:   `--stage moe` (FFNs of layers 1, 3, ... upcycled; only routers + experts train).
+  moe:   `--stage moe` with MoE-LLaVA's defaults (FFNs of layers 0, 2, ... upcycled into top-2 of E experts,
+         Gumbel-sampled second expert, capacity 1.5 / 2.0; experts, routers, the other layers' FFNs and the
+         projector train),
+  moe_top1 (with --top1): the same at top-1 (equal active parameters; weighted by the raw probability).
 Both (and the starting checkpoint) are scored on the held-out QA and POPE files; the MoE's expert load is
 counted on the QA test conversations (max/min share over experts, per layer). Prints one table; writes
 OUT/summary.json.
 
     PYTHONPATH=. python benchmarks/moe_vs_dense.py --base runs/demo/finetune --data runs/demo/data \
-        --out /tmp/moe_vs_dense [--steps 150 --learning_rate 5e-4 --num_experts 4 --top_k_experts 2]
+        --out /tmp/moe_vs_dense [--steps 150 --learning_rate 5e-4 --num_experts 4 --top_k_experts 2 --top1]
 """
 
 import argparse
@@ -36,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_experts", type=int, default=4)
     p.add_argument("--top_k_experts", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top1", action="store_true", help="also a top-1 MoE run (row moe_top1)")
     return p
 
 
@@ -84,15 +88,17 @@ def main() -> None:
     results = {"base": score(Path(args.base), data, out / "eval_base")}
     dense = run("finetune", args, out / "dense", {})
     results["dense"] = score(dense, data, out / "eval_dense")
-    moe = run("moe", args, out / "moe", {"num_experts": args.num_experts, "top_k_experts": args.top_k_experts})
-    results["moe"] = score(moe, data, out / "eval_moe")
+    variants = {"moe": args.top_k_experts, **({"moe_top1": 1} if args.top1 else {})}
+    for name, top_k in variants.items():
+        moe = run("moe", args, out / name, {"num_experts": args.num_experts, "top_k_experts": top_k})
+        results[name] = score(moe, data, out / f"eval_{name}")
     results["settings"] = vars(args)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
-    for name in ("base", "dense", "moe"):
+    for name in ("base", "dense", *variants):
         r = results[name]
         loads = r.get("max_over_min_load")
         load_text = "" if loads is None else "  max/min load " + ", ".join(f"{k} {v:.2f}" for k, v in loads.items())
-        print(f"{name:<6} QA {r['qa_accuracy']:.3f}  POPE {r['pope_accuracy']:.3f}  LLM active params "
+        print(f"{name:<8} QA {r['qa_accuracy']:.3f}  POPE {r['pope_accuracy']:.3f}  LLM active params "
               f"{r['llm_active_params']:,} of {r['llm_total_params']:,}{load_text}")
 
 

@@ -32,4 +32,5 @@ sparsevl train --config configs/moe_tuning/stage3.yaml --model_name_or_path "$OU
 
 sparsevl eval --model "$OUT/stage3" --data "$OUT/data/test_qa.json" --out "$OUT/eval"
 sparsevl analyze routing --model "$OUT/stage3" --data "$OUT/data/test_qa.json" --out "$OUT/routing"
-sparsevl export --to qwen3-moe --model "$OUT/stage3" --out "$OUT/qwen3_moe"
+# Qwen3-MoE routes the second expert by argmax; stage 3 sampled it (MoE-LLaVA): export that routing explicitly
+sparsevl export --to qwen3-moe --model "$OUT/stage3" --out "$OUT/qwen3_moe" --second_expert_policy argmax

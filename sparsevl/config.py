@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from sparsevl.model.moe import BALANCE_COUNTS, SECOND_EXPERT_POLICIES
+from sparsevl.model.upcycle import MOE_MODES
 from sparsevl.upstream_flags import translate_upstream_flags
 
 
@@ -54,15 +56,50 @@ class ModelArguments:
     mm_moe_top_k: int = field(default=2, metadata={"help": "moe projector: experts per visual token."})
     moe_enable: bool = field(default=False, metadata={"help": (
         "MoE-Tuning stage 3: upcycle the LLM's FFNs into MoE layers (each expert a copy of the trained FFN) and "
-        "train only those layers (routers + experts). Set by --stage moe.")})
+        "train what --train_modules says. Set by --stage moe. Defaults reproduce MoE-LLaVA's stage-3 scripts.")})
     num_experts: int = field(default=4, metadata={"help": "--moe_enable: experts per upcycled FFN."})
-    top_k_experts: int = field(default=2, metadata={"help": "--moe_enable: experts per token (top-k routing)."})
-    moe_layers_every: int = field(default=2, metadata={"help": (
-        "--moe_enable: upcycle decoder layers i with i + 1 divisible by N (N=2: layers 1, 3, ...; Qwen3-MoE's "
-        "decoder_sparse_step). Ignored when --moe_layers is given.")})
+    top_k_experts: int = field(default=2, metadata={"help": (
+        "--moe_enable: experts per token. Top-2 weights are renormalised over the experts that kept the token; "
+        "top-1 is weighted by its raw router probability (MoE-LLaVA/DeepSpeed; the router then learns from the "
+        "LM loss).")})
+    moe_mode: str = field(default="sparse", metadata={"help": (
+        "--moe_enable: which decoder layers become MoE (MoE-LLaVA's names): sparse = 0, 2, 4, ... (its stage-3 "
+        "scripts); first_half = 0..L/2-1; second_half = L/2..L-1; dense = all. --moe_layers or "
+        "--moe_layers_every replace it.")})
+    moe_layers_every: int | None = field(default=None, metadata={"help": (
+        "--moe_enable: instead of --moe_mode, upcycle decoder layers i with i + 1 divisible by N (N=2: layers "
+        "1, 3, ...; Qwen3-MoE's decoder_sparse_step).")})
     moe_layers: list[int] | None = field(default=None, metadata={"help": (
-        "--moe_enable: explicit decoder-layer indices to upcycle (0-based), e.g. `--moe_layers 0 2` "
-        "(MoE-LLaVA's every-other-layer layout).")})
+        "--moe_enable: instead of --moe_mode, explicit decoder-layer indices to upcycle (0-based), e.g. "
+        "`--moe_layers 0 2` (MoE-LLaVA's moe_layers_idx).")})
+    capacity_factor: float = field(default=1.5, metadata={"help": (
+        "--moe_enable: in training each expert takes at most max(--min_capacity, ceil(tokens / E x factor x "
+        "top_k)) token assignments per micro-batch (tokens include padding); first choices fill in token order, "
+        "then second choices; overflow is dropped (the token keeps the layer's residual). 1.5 as MoE-LLaVA's "
+        "scripts (its code's default is 1.0); 0 = no limit.")})
+    eval_capacity_factor: float = field(default=2.0, metadata={"help": (
+        "--moe_enable: the capacity factor in eval and generation (MoE-LLaVA 2.0); 0 = no limit.")})
+    min_capacity: int = field(default=0, metadata={"help": (
+        "--moe_enable: lower bound of every expert's capacity (MoE-LLaVA 0; DeepSpeed's own default 4).")})
+    use_residual: bool = field(default=False, metadata={"help": (
+        "--moe_enable: Residual MoE (DeepSpeed/MoE-LLaVA use_residual): the dense FFN stays beside the experts "
+        "and a learned softmax(Linear(dim, 2)) mixes the two outputs per token.")})
+    second_expert_policy: str = field(default="sampling", metadata={"help": (
+        "--moe_enable: how experts after the first are chosen. sampling: argmax of router logits + Gumbel(0, 1) "
+        "noise with the first expert masked, in training and eval (MoE-LLaVA's code, DeepSpeed top2gating); "
+        "argmax: the next most probable (the paper's text, Mixtral, Qwen3-MoE). Weights are the noise-free "
+        "probabilities either way.")})
+    balance_loss_count: str = field(default="top1", metadata={"help": (
+        "--moe_enable: what the balance loss E x sum_e mean_prob_e x frac_e counts in frac: top1 = each token's "
+        "first choice (MoE-LLaVA/DeepSpeed/Switch; balanced value 1 per layer) or top_k = every assignment "
+        "(transformers' load_balancing_loss_func; balanced value top_k).")})
+    train_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj", "wg"],
+                                     metadata={"help": (
+        "--moe_enable: LLM parameters that train in stage 3: those whose name holds one of these strings "
+        "(MoE-LLaVA's rule and default: the experts and the dense FFNs of the non-MoE layers; `wg` names the "
+        "routers, which train anyway as new parameters); the stage-2 projector trains too; attention, norms, "
+        "embeddings, lm_head and the vision tower stay frozen. `moe_layers`: only the MoE layers (routers + "
+        "experts) train, as the paper's text says, projector frozen.")})
     lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM (merged on save)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -177,9 +214,9 @@ class SparseVLTrainingArguments(TrainingArguments):
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (GPU only)."})
     moe_load_balancing_weight: float = field(default=0.01, metadata={"help": (
         "Weight of the moe projector's balance loss (logged as loss_balance).")})
-    moe_aux_loss_coef: float = field(default=0.01, metadata={"help": (
-        "Weight of the upcycled LLM MoE layers' balance loss, summed over layers (loss_llm_balance; MoE-LLaVA's "
-        "router_aux_loss_coef). Balance counts all top-k assignments: a balanced router scores top_k per layer.")})
+    moe_aux_loss_coef: float = field(default=0.01, metadata={"aliases": ["--router_aux_loss_coef"], "help": (
+        "Weight of the upcycled LLM MoE layers' balance loss, summed over layers (loss_llm_balance; alias "
+        "--router_aux_loss_coef, MoE-LLaVA's name). What it counts: --balance_loss_count.")})
     router_z_loss_weight: float = field(default=0.0, metadata={"help": (
         "Weight of the ST-MoE router z-loss of every MoE (loss_z for the projector, loss_llm_z for the LLM; "
         "ST-MoE uses 0.001; MoE-LLaVA none).")})
@@ -236,12 +273,26 @@ def check_moe_arguments(args: ModelArguments) -> None:
     """Refuse impossible MoE settings at parse time, naming the flag."""
     _check_experts(args.mm_moe_num_experts, args.mm_moe_top_k, "--mm_moe_num_experts", "--mm_moe_top_k")
     _check_experts(args.num_experts, args.top_k_experts, "--num_experts", "--top_k_experts")
-    if args.moe_layers_every < 1:
+    if args.moe_layers_every is not None and args.moe_layers_every < 1:
         raise ValueError(f"--moe_layers_every must be at least 1, got {args.moe_layers_every}")
     if args.moe_layers is not None and (not args.moe_layers or min(args.moe_layers) < 0):
         raise ValueError(f"--moe_layers must list decoder-layer indices >= 0, got {args.moe_layers}")
+    if args.moe_layers is not None and args.moe_layers_every is not None:
+        raise ValueError("--moe_layers and --moe_layers_every both choose the MoE layers; give one")
+    choices = {"--moe_mode": (args.moe_mode, MOE_MODES), "--second_expert_policy": (args.second_expert_policy,
+               SECOND_EXPERT_POLICIES), "--balance_loss_count": (args.balance_loss_count, BALANCE_COUNTS)}
+    for flag, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"{flag} {value!r} is unknown; valid: {', '.join(valid)}")
+    for flag, value in (("--capacity_factor", args.capacity_factor), ("--eval_capacity_factor",
+                                                                     args.eval_capacity_factor),
+                        ("--min_capacity", args.min_capacity)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if not args.train_modules:
+        raise ValueError("--train_modules is empty; give parameter-name strings or `moe_layers`")
     if args.moe_enable and (args.tune_mm_mlp_adapter or args.lora_enable or args.freeze_backbone):
-        raise ValueError("--moe_enable trains only the MoE layers: it cannot be combined with "
+        raise ValueError("--moe_enable sets what trains itself (--train_modules): it cannot be combined with "
                          "--tune_mm_mlp_adapter, --lora_enable or --freeze_backbone")
 
 

@@ -99,15 +99,21 @@ def llava_hf_parity(model, hf_dir: str | Path, *, text_length: int = 6) -> float
 
 
 def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path, *, verify: bool = True,
-                     atol: float = 1e-4, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
+                     atol: float = 1e-4, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                     second_expert_policy: str | None = None) -> Path:
     """Write the upcycled LLM of `model_dir` as a Qwen3MoeForCausalLM directory; with `verify`, reload it with
-    plain transformers and compare logits. Refuses (NotExportable, a ValueError) what Qwen3-MoE cannot express."""
+    plain transformers and compare logits. Refuses (NotExportable, a ValueError) what Qwen3-MoE cannot express.
+    `second_expert_policy="argmax"` first switches a Gumbel-sampled second expert to the deterministic one."""
     from transformers import Qwen3MoeForCausalLM
 
     from sparsevl.eval.run import load_for_inference
     from sparsevl.model.qwen3_moe import qwen3_moe_config, to_qwen3_moe_state_dict
+    from sparsevl.model.upcycle import moe_feed_forwards
 
     model, tokenizer, _ = load_for_inference(model_dir)
+    if second_expert_policy is not None:
+        for _, ffn in moe_feed_forwards(model.llm):
+            ffn.moe.router.second_expert_policy = second_expert_policy
     config = qwen3_moe_config(model.llm)  # refuses before anything is written
     config.dtype = "float32"
     config.update(special_token_ids(tokenizer))
@@ -173,6 +179,9 @@ def parser() -> argparse.ArgumentParser:
                                                         "checkpoint's mm_vision_tower / mm_image_tower is a hub name")
     p.add_argument("--verify", type=_bool, default=True, help="llava-hf, qwen3-moe: reload with plain "
                                                               "transformers and compare logits on a probe (default true)")
+    p.add_argument("--second_expert_policy", choices=["argmax"], default=None,
+                   help="qwen3-moe: export a model trained with a Gumbel-sampled second expert (MoE-LLaVA's "
+                        "default) with the deterministic next most probable expert, which Qwen3-MoE uses")
     return p
 
 
@@ -189,10 +198,13 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
+        if args.second_expert_policy is not None and args.to != "qwen3-moe":
+            raise ValueError("--second_expert_policy applies to --to qwen3-moe only")
         if args.to == "llava-hf":
             out = export_llava_hf(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens)
         elif args.to == "qwen3-moe":
-            out = export_qwen3_moe(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens)
+            out = export_qwen3_moe(args.model, args.out, verify=args.verify, max_new_tokens=args.max_new_tokens,
+                                   second_expert_policy=args.second_expert_policy)
         elif args.source in ("llava", "moe-llava"):
             from sparsevl.model.llava_original import import_llava_original
 

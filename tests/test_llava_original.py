@@ -205,7 +205,8 @@ def test_moe_llava_layout_loads_with_the_source_llm_logits(tmp_path):
 
     mixtral, vision = write_moe_llava_layout(tmp_path / "moe", sparse=False)
     model, args = from_moe_llava(tmp_path / "moe", image_token_id=VOCAB_SIZE)
-    assert moe_layout(model.llm).to_dict() == {"layers": [0, 1], "num_experts": 4, "top_k": 2}
+    assert moe_layout(model.llm).architecture() == {"layers": [0, 1], "num_experts": 4, "top_k": 2,
+                                                     "use_residual": False}
     embeds = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.llm(inputs_embeds=embeds).logits[..., :VOCAB_SIZE]
@@ -225,7 +226,8 @@ def test_moe_llava_sparse_layout_keeps_dense_layers_dense(shapes_tokenizer, tmp_
     assert cli_main(["export", "--to", "sparsevl", "--from", "moe-llava", "--model", str(tmp_path / "moe"),
                      "--out", str(tmp_path / "out")]) == 0
     model, _ = load_checkpoint(tmp_path / "out")
-    assert moe_layout(model.llm).to_dict() == {"layers": [0], "num_experts": 4, "top_k": 2}
+    assert moe_layout(model.llm).architecture() == {"layers": [0], "num_experts": 4, "top_k": 2,
+                                                     "use_residual": False}
     gate, up = mixtral.model.layers[1].mlp.experts.gate_up_proj[0].chunk(2, dim=0)
     assert torch.equal(model.llm.model.layers[1].mlp.gate_proj.weight, gate)
     assert torch.equal(model.llm.model.layers[1].mlp.up_proj.weight, up)

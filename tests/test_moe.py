@@ -13,6 +13,7 @@ from sparsevl.model.moe import (
     MoELayer,
     RouterOutput,
     TopKRouter,
+    capacity_mask,
     dispatch,
     dispatch_reference,
     expert_load,
@@ -185,8 +186,10 @@ def test_capacity_keeps_first_choices_before_second_choices():
     weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
     routing = RouterOutput(weights=weights, indices=torch.tensor([[0, 1], [1, 0]]),
                            logits=torch.zeros(2, 2), probs=torch.full((2, 2), 0.5))
-    out, tokens_per_expert = dispatch(x, routing, experts, capacity=1)
+    kept = capacity_mask(routing.indices, 2, capacity=1)
     # each expert gets one first and one second choice; capacity 1 keeps only the first choices
+    assert kept.tolist() == [[True, False], [True, False]]
+    out, tokens_per_expert = dispatch(x, routing, experts, kept)
     assert tokens_per_expert.tolist() == [2, 2]
     torch.testing.assert_close(out[0], 0.7 * experts.expert_forward(0, x[:1])[0])
     torch.testing.assert_close(out[1], 0.6 * experts.expert_forward(1, x[1:])[0])

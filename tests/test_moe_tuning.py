@@ -87,12 +87,28 @@ def test_moe_projector_and_upcycled_llm_checkpoint_round_trip(tmp_path):
     perturb_experts(model.llm)
     save_checkpoint(model, tmp_path, model_args=args)
     config = json.loads((tmp_path / "sparsevl_config.json").read_text())
-    assert config["llm_moe"] == {"layers": [0, 2], "num_experts": 3, "top_k": 1}
+    assert config["llm_moe"] == {"layers": [0, 2], "num_experts": 3, "top_k": 1, "use_residual": False,
+                                 "capacity_factor": 1.5, "eval_capacity_factor": 2.0, "min_capacity": 0,
+                                 "second_expert_policy": "sampling", "normalize_top_k": False,
+                                 "random_token_selection": True, "balance_count": "top1"}
     loaded, loaded_args = load_checkpoint(tmp_path)
     assert (loaded_args.mm_moe_num_experts, loaded_args.mm_moe_top_k) == (3, 1)
     assert loaded.projector.moe.router.num_experts == 3 and moe_layout(loaded.llm) == moe_layout(model.llm)
     ids, mask, pixels = batch()
-    assert torch.equal(logits_of(loaded.eval(), ids, mask, pixels), logits_of(model, ids, mask, pixels))
+    torch.manual_seed(1)  # top-1 capacity slots are filled in random order (random token selection)
+    expected = logits_of(model, ids, mask, pixels)
+    torch.manual_seed(1)
+    assert torch.equal(logits_of(loaded.eval(), ids, mask, pixels), expected)
+
+
+def test_a_checkpoint_saved_before_the_routing_fields_loads_with_its_old_routing(tmp_path):
+    model, args = make_model("tiny-qwen3", moe_enable=True, moe_layers=[1, 3])
+    save_checkpoint(model, tmp_path, model_args=args)
+    config = json.loads((tmp_path / "sparsevl_config.json").read_text())
+    config["llm_moe"] = {"layers": [1, 3], "num_experts": 4, "top_k": 2}  # what such checkpoints hold
+    (tmp_path / "sparsevl_config.json").write_text(json.dumps(config))
+    layout = moe_layout(load_checkpoint(tmp_path)[0].llm)
+    assert (layout.capacity_factor, layout.second_expert_policy, layout.balance_count) == (None, "argmax", "top_k")
 
 
 # --- Upcycling (MoE-Tuning stage 3) -----------------------------------------------------------------------------
@@ -101,9 +117,10 @@ def test_moe_projector_and_upcycled_llm_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("layers", [None, [0, 2, 3]])
 def test_upcycling_preserves_logits(llm, layers):
     dense, _ = make_model(llm)
-    upcycled, _ = make_model(llm, moe_enable=True, moe_layers=layers)  # same seed: the same dense weights
+    # same seed: the same dense weights; eval capacity 2.0 x top-2 = 4 experts: no token can be dropped
+    upcycled, _ = make_model(llm, moe_enable=True, moe_layers=layers)
     found = [i for i, _ in moe_feed_forwards(upcycled.llm)]
-    assert found == (layers or [1, 3])  # default: every 2nd layer, Qwen3-MoE's (i + 1) % 2 == 0
+    assert found == (layers or [0, 2])  # default --moe_mode sparse: layers 0, 2, ... (MoE-LLaVA)
     ids, mask, pixels = batch()
     expected = logits_of(dense, ids, mask, pixels)
     torch.testing.assert_close(logits_of(upcycled, ids, mask, pixels), expected, rtol=0, atol=2e-6)
@@ -113,8 +130,8 @@ def test_upcycling_preserves_logits(llm, layers):
     assert (logits_of(upcycled, ids, mask, pixels) - expected).abs().max() > 1e-3
 
 
-def test_stage3_trains_only_routers_and_experts():
-    model, args = make_model("tiny-llama", moe_enable=True)
+def test_stage3_paper_rule_trains_only_routers_and_experts():
+    model, args = make_model("tiny-llama", moe_enable=True, train_modules=["moe_layers"])
     assert configure_trainable(model, args) == "moe_layers"
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     moe_params = {name for name, _ in model.named_parameters() if ".mlp.moe." in name}
@@ -196,33 +213,40 @@ def test_expert_usage_table_and_values():
     assert int(counts.sum()) == 2 * (9 - 1 + 64) * 2  # every position of the merged batch (padding too), top-2
 
 
-def test_stage_moe_trains_only_moe_layers_logs_usage_and_analyzes(tmp_path, shapes_dir, shapes_tokenizer,
-                                                                   tiny_checkpoint, capsys):
+def test_stage_moe_trains_the_upstream_set_logs_usage_and_analyzes(tmp_path, shapes_dir, shapes_tokenizer,
+                                                                     tiny_checkpoint, capsys):
     out = tmp_path / "stage3"
+    readme_flags = ["--num_experts", "4", "--top_k_experts", "2", "--moe_mode", "sparse", "--capacity_factor", "1.5",
+                    "--eval_capacity_factor", "2.0", "--min_capacity", "0", "--second_expert_policy", "sampling",
+                    "--balance_loss_count", "top1", "--router_aux_loss_coef", "0.01", "--train_modules", "gate_proj",
+                    "up_proj", "down_proj", "wg", "--use_residual", "False"]  # the README's command: the defaults
     argv = ["train", "--stage", "moe", *train_flags(shapes_dir, shapes_tokenizer, out, model_name_or_path=tiny_checkpoint,
                                                     max_steps=4, logging_steps=2, per_device_train_batch_size=8,
-                                                    report_to="none")]
+                                                    report_to="none"), *readme_flags]
     assert cli_main(argv) == 0
-    assert "llm.layer1" in capsys.readouterr().out  # the expert-usage table
+    assert "llm.layer0" in capsys.readouterr().out  # the expert-usage table
     history = json.loads((out / "log_history.json").read_text())
     logged = [entry for entry in history if "loss" in entry]
-    assert len(logged) == 2 and all("loss_llm_balance" in e and "expert_load/llm.layer3/max_over_min" in e
+    assert len(logged) == 2 and all("loss_llm_balance" in e and "expert_load/llm.layer2/max_over_min" in e
                                     for e in logged)
     before, after = load_file(tiny_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
     kept = set(before) & set(after)
-    assert {n for n in kept if not torch.equal(before[n], after[n])} == set()  # the rest: untouched
-    assert {n.split(".mlp.")[0] for n in set(before) - kept} == {"llm.model.layers.1", "llm.model.layers.3"}
+    changed = {n for n in kept if not torch.equal(before[n], after[n])}
+    # MoE-LLaVA's stage 3: the dense FFNs of the non-MoE layers 1, 3 and the projector train; nothing else
+    assert changed == {f"llm.model.layers.{i}.mlp.{p}.weight" for i in (1, 3)
+                       for p in ("gate_proj", "up_proj", "down_proj")} | {n for n in kept if n.startswith("projector.")}
+    assert {n.split(".mlp.")[0] for n in set(before) - kept} == {"llm.model.layers.0", "llm.model.layers.2"}
     moe_names = set(after) - kept
     assert moe_names and all(".mlp.moe." in n for n in moe_names)
-    copied = before["llm.model.layers.1.mlp.down_proj.weight"]
-    assert not torch.equal(after["llm.model.layers.1.mlp.moe.experts.down_proj"][0], copied)  # experts trained
-    assert json.loads((out / "sparsevl_config.json").read_text())["llm_moe"]["layers"] == [1, 3]
+    copied = before["llm.model.layers.0.mlp.down_proj.weight"]
+    assert not torch.equal(after["llm.model.layers.0.mlp.moe.experts.down_proj"][0], copied)  # experts trained
+    assert json.loads((out / "sparsevl_config.json").read_text())["llm_moe"]["layers"] == [0, 2]
 
     assert cli_main(["analyze", "routing", "--model", str(out), "--data", str(shapes_dir / "test_qa.json"),
                      "--out", str(tmp_path / "routing"), "--limit", "4"]) == 0
     result = json.loads((tmp_path / "routing" / "routing.json").read_text())
     assert (tmp_path / "routing" / "routing.png").stat().st_size > 1000
-    assert set(result["counts"]) == {"llm.layer1", "llm.layer3"}
+    assert set(result["counts"]) == {"llm.layer0", "llm.layer2"}
     for layer in result["counts"].values():
         assert sum(layer["image"]) == 4 * 64 * 2  # 4 conversations x 64 visual tokens x top-2
         assert sum(layer["text"]) > 0
@@ -232,14 +256,14 @@ def test_stage_moe_trains_only_moe_layers_logs_usage_and_analyzes(tmp_path, shap
 
 # --- Export to transformers' Qwen3-MoE ---------------------------------------------------------------------------
 
-def upcycled_checkpoint(directory, tokenizer, layers):
+def upcycled_checkpoint(directory, tokenizer, layers, **moe_flags):
     from sparsevl.data.tokenizer import add_image_token
     from sparsevl.model.build import build_image_processor
 
     torch.manual_seed(0)
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     image_token_id = add_image_token(tokenizer)
-    args = ModelArguments(model_name_or_path="tiny-qwen3", moe_enable=True, moe_layers=layers)
+    args = ModelArguments(model_name_or_path="tiny-qwen3", moe_enable=True, moe_layers=layers, **moe_flags)
     model = build_model(args, vocab_size=len(tokenizer), image_token_id=image_token_id)
     perturb_experts(model.llm)
     processor = build_image_processor(args.vision_tower, model.vision_tower.config)
@@ -247,33 +271,51 @@ def upcycled_checkpoint(directory, tokenizer, layers):
     return model
 
 
-@pytest.mark.parametrize("layers, sparse_step, mlp_only", [(None, 2, []), ([0, 3], 1, [1, 2])])
+@pytest.mark.parametrize("layers, sparse_step, mlp_only, moe_flags", [
+    (None, 1, [1, 3], {}),  # default --moe_mode sparse: layers 0, 2
+    ([1, 3], 2, [], {}),
+    ([0, 3], 1, [1, 2], {"top_k_experts": 1, "eval_capacity_factor": 4.0}),  # top-1: raw probability
+])
 def test_export_to_qwen3_moe_loads_in_transformers_with_equal_logits(tmp_path, shapes_tokenizer, layers,
-                                                                     sparse_step, mlp_only):
-    model = upcycled_checkpoint(tmp_path / "ckpt", shapes_tokenizer, layers)
+                                                                     sparse_step, mlp_only, moe_flags):
+    model = upcycled_checkpoint(tmp_path / "ckpt", shapes_tokenizer, layers, **moe_flags)
     assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "ckpt"),
-                     "--out", str(tmp_path / "hf")]) == 0
+                     "--out", str(tmp_path / "hf"), "--second_expert_policy", "argmax"]) == 0
     hf_model = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
     config = hf_model.config
+    top_k = moe_flags.get("top_k_experts", 2)
     assert (config.decoder_sparse_step, config.mlp_only_layers) == (sparse_step, mlp_only)
-    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (4, 2, True)
+    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (4, top_k, top_k > 1)
+    for _, ffn in moe_feed_forwards(model.llm):
+        ffn.moe.router.second_expert_policy = "argmax"  # what the export was asked to represent
     ids = torch.randint(0, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours, theirs = model.eval().llm(input_ids=ids).logits, hf_model(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
-def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path):
+def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path, shapes_tokenizer):
     llama, _ = make_model("tiny-llama", moe_enable=True)
     with pytest.raises(NotExportable, match="'llama' .*no q/k RMSNorm"):
         qwen3_moe_config(llama.llm)
     dense, _ = make_model("tiny-qwen3")
     with pytest.raises(NotExportable, match="no MoE layers"):
         qwen3_moe_config(dense.llm)
-    capped, _ = make_model("tiny-qwen3", moe_enable=True)
-    moe_feed_forwards(capped.llm)[0][1].moe.capacity_factor = 1.25
-    with pytest.raises(NotExportable, match="decoder layer 1: it has a capacity factor"):
-        qwen3_moe_config(capped.llm)
+    sampled, _ = make_model("tiny-qwen3", moe_enable=True)  # the defaults: Gumbel-sampled second expert
+    with pytest.raises(NotExportable, match="decoder layer 0: its second expert is Gumbel-sampled"):
+        qwen3_moe_config(sampled.llm)
+    capped, _ = make_model("tiny-qwen3", moe_enable=True, num_experts=8, second_expert_policy="argmax")
+    with pytest.raises(NotExportable, match=r"decoder layer 0: its eval capacity can drop tokens \(--eval_capacity"):
+        qwen3_moe_config(capped.llm)  # 2.0 x top-2 < 8 experts
+    residual, _ = make_model("tiny-qwen3", moe_enable=True, use_residual=True, second_expert_policy="argmax")
+    with pytest.raises(NotExportable, match="decoder layer 0: it is a Residual MoE"):
+        qwen3_moe_config(residual.llm)
+    upcycled_checkpoint(tmp_path / "ckpt", shapes_tokenizer, None)
+    assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "ckpt"),
+                     "--out", str(tmp_path / "hf")]) == 2  # sampling, without --second_expert_policy argmax
+    assert not (tmp_path / "hf").exists()
+    assert cli_main(["export", "--to", "llava-hf", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"),
+                     "--second_expert_policy", "argmax"]) == 2
     assert cli_main(["export", "--to", "qwen3-moe", "--model", str(tmp_path / "nowhere"),
                      "--out", str(tmp_path / "hf")]) == 2
     with pytest.raises(ValueError, match="upcycled MoE layers.*--to qwen3-moe"):
@@ -284,7 +326,9 @@ def test_help_lists_the_moe_flags(capsys):
     assert cli_main(["train", "--help"]) == 0  # argparse %-formats help text: a stray % would raise here
     text = capsys.readouterr().out
     for flag in ("--mm_moe_num_experts", "--num_experts", "--top_k_experts", "--moe_layers_every", "--moe_layers",
-                 "--moe_aux_loss_coef", "--router_z_loss_weight"):
+                 "--moe_aux_loss_coef", "--router_aux_loss_coef", "--router_z_loss_weight", "--moe_mode",
+                 "--capacity_factor", "--eval_capacity_factor", "--min_capacity", "--use_residual",
+                 "--second_expert_policy", "--balance_loss_count", "--train_modules"):
         assert flag in text
     with pytest.raises(SystemExit) as exit_info:  # argparse's own --help exits 0
         cli_main(["analyze", "routing", "--help"])

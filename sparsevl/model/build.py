@@ -20,7 +20,8 @@ from sparsevl.model import presets
 from sparsevl.model.adaptive import build_layer_selector
 from sparsevl.model.moe import MoELayer
 from sparsevl.model.projectors import build_projector
-from sparsevl.model.upcycle import MoELayout, apply_moe_arguments, moe_layout, train_only_moe_layers, upcycle_llm
+from sparsevl.model.upcycle import (PAPER_TRAIN_RULE, MoELayout, apply_moe_arguments, moe_layout, set_stage3_trainable,
+                                   upcycle_llm)
 from sparsevl.model.vision import VisionTower, vision_encoder_class
 from sparsevl.model.vlm import SparseVLM
 
@@ -152,10 +153,13 @@ def projector_options(args: ModelArguments) -> dict:
 def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
     """Set requires_grad per training mode (wrapping the LLM with LoRA if asked); return the mode's name."""
     model.requires_grad_(False)
-    if args.moe_enable:  # MoE-Tuning stage 3: routers and experts only
-        train_only_moe_layers(model.llm)
-        return "moe_layers"
-    if args.tune_mm_mlp_adapter:
+    if args.moe_enable:  # MoE-Tuning stage 3: --train_modules of the LLM, the projector (MoE-LLaVA's code)
+        set_stage3_trainable(model.llm, args.train_modules)
+        paper = args.train_modules == [PAPER_TRAIN_RULE]
+        mode = "moe_layers" if paper else "moe_train_modules+projector"
+        if not paper:
+            model.projector.requires_grad_(True)
+    elif args.tune_mm_mlp_adapter:
         mode = "projector"
     elif args.lora_enable:
         from peft import LoraConfig, get_peft_model
@@ -169,8 +173,9 @@ def configure_trainable(model: SparseVLM, args: ModelArguments) -> str:
     else:
         model.llm.requires_grad_(True)
         mode = "full"
-    model.projector.requires_grad_(True)
-    if model.layer_selector is not None:
+    if not args.moe_enable:
+        model.projector.requires_grad_(True)
+    if model.layer_selector is not None and not args.moe_enable:
         model.layer_selector.requires_grad_(True)
     if args.unfreeze_mm_vision_tower and mode != "projector":
         model.vision_tower.requires_grad_(True)

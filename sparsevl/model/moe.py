@@ -7,7 +7,9 @@ per-expert statistics live as buffers on the `MoELayer` that counts them.
 
 import contextlib
 import copy
+import dataclasses
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -48,31 +50,71 @@ def _activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
+SECOND_EXPERT_POLICIES = ("argmax", "sampling")
+
+
 class TopKRouter(nn.Module):
-    """Linear gate -> softmax -> top-k experts per token (Switch/Mixtral/Qwen3-MoE routing)."""
+    """Linear gate in fp32 -> softmax -> top-k experts per token (Switch/Mixtral/Qwen3-MoE/GShard routing).
+
+    The first expert is the most probable one. The others are the next most probable ("argmax") or, as in
+    GShard / DeepSpeed's top2gating that MoE-LLaVA runs, the argmax of logits + Gumbel(0, 1) noise with the first
+    expert masked ("sampling", in training and eval alike); either way each weight is the noise-free probability.
+    """
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int, noise_std: float = 0.0,
-                 normalize_top_k: bool = True, bias: bool = False):
+                 normalize_top_k: bool = True, bias: bool = False, second_expert_policy: str = "argmax"):
         super().__init__()
         _check_positive(dim=dim, num_experts=num_experts, top_k=top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if second_expert_policy not in SECOND_EXPERT_POLICIES:
+            raise ValueError(f"second_expert_policy must be one of {SECOND_EXPERT_POLICIES}, "
+                             f"got {second_expert_policy!r}")
         self.num_experts, self.top_k = num_experts, top_k
         self.noise_std, self.normalize_top_k = noise_std, normalize_top_k
+        self.second_expert_policy = second_expert_policy
         self.gate = nn.Linear(dim, num_experts, bias=bias)
+
+    def gate_logits(self, x: Tensor) -> Tensor:
+        """Router logits (tokens, num_experts) in fp32: a Linear gate runs on fp32 input and weight, autocast off."""
+        if not isinstance(self.gate, nn.Linear):
+            return self.gate(x).float()
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float(), bias)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """Route x (tokens, dim); N(0, noise_std) logit noise is added only in training."""
-        logits = self.gate(x)  # (tokens, num_experts)
+        logits = self.gate_logits(x)  # (tokens, num_experts) fp32
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
-        probs = logits.float().softmax(dim=-1)
-        weights, indices = probs.topk(self.top_k, dim=-1)  # (tokens, top_k), descending
+        probs = logits.softmax(dim=-1)
+        if self.second_expert_policy == "sampling" and self.top_k > 1:
+            indices = _gumbel_choices(logits, probs.argmax(dim=-1), self.top_k)
+        else:
+            indices = probs.topk(self.top_k, dim=-1).indices  # (tokens, top_k), descending
+        weights = probs.gather(1, indices)
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(weights=weights.to(x.dtype), indices=indices, logits=logits, probs=probs)
+
+
+def gumbel_noise(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Gumbel(0, 1) samples from torch's global generator, the values torch.distributions.Gumbel(0, 1).sample draws
+    (DeepSpeed's gumbel_rsample): -log(-log(u)), u = tiny + U(0, 1) x (1 - eps - tiny). Written out because
+    building the distribution object costs about a millisecond per call."""
+    finfo = torch.finfo(torch.float32)
+    uniform = finfo.tiny + torch.rand(shape, device=device) * (1 - finfo.eps - finfo.tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+def _gumbel_choices(logits: Tensor, first: Tensor, top_k: int) -> Tensor:
+    """(tokens, top_k) experts: `first`, then the top_k - 1 largest of logits + Gumbel noise with `first` masked."""
+    noisy = logits.detach() + gumbel_noise(logits.shape, logits.device)
+    noisy = noisy.scatter(1, first.unsqueeze(1), float("-inf"))
+    return torch.cat([first.unsqueeze(1), noisy.topk(top_k - 1, dim=-1).indices], dim=1)
 
 
 def _uniform_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -189,11 +231,35 @@ def _copy_into_experts(stacked: nn.Parameter, dense: Tensor) -> None:
     stacked.copy_(dense.unsqueeze(0).expand_as(stacked))
 
 
-def _within_capacity(expert_ids_sorted: Tensor, tokens_per_expert: Tensor, capacity: int) -> Tensor:
-    """Mask of sorted assignments whose position inside their expert's group is below capacity."""
+def capacity_mask(indices: Tensor, num_experts: int, capacity: int, priority: Tensor | None = None) -> Tensor:
+    """(tokens, top_k) bool: which assignments fit in their expert's `capacity` slots.
+
+    Without `priority` an expert fills its slots with first choices in token order, then second choices in
+    token order, ... (GShard / DeepSpeed top2gating). With `priority` (tokens, top_k) the highest go first
+    (DeepSpeed's random token selection passes uniform noise).
+    """
+    num_tokens, top_k = indices.shape
+    expert_ids = indices.t().reshape(-1)  # (top_k * tokens,) choice-major
+    order = torch.arange(expert_ids.numel(), device=indices.device)
+    if priority is not None:
+        order = priority.t().reshape(-1).argsort(descending=True, stable=True)
+    expert_ids_sorted, within = expert_ids[order].sort(stable=True)
+    order = order[within]
+    tokens_per_expert = torch.bincount(expert_ids, minlength=num_experts)
     group_starts = tokens_per_expert.cumsum(0) - tokens_per_expert
-    rank = torch.arange(expert_ids_sorted.numel(), device=expert_ids_sorted.device)
-    return rank - group_starts[expert_ids_sorted] < capacity
+    rank = torch.arange(order.numel(), device=indices.device) - group_starts[expert_ids_sorted]
+    kept = torch.empty_like(expert_ids, dtype=torch.bool)
+    kept[order] = rank < capacity
+    return kept.view(top_k, num_tokens).t()
+
+
+def weights_over_kept(weights: Tensor, kept: Tensor, *, renormalize: bool) -> Tensor:
+    """Combine weights with dropped assignments zeroed; renormalised over the kept ones when `renormalize`
+    (a token that lost every choice gets all-zero weights, i.e. only the layer's residual)."""
+    weights = weights * kept
+    if not renormalize:
+        return weights
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
 
 
 def _unsort_rows(rows: Tensor, order: Tensor, total: int) -> Tensor:
@@ -205,25 +271,46 @@ def _unsort_rows(rows: Tensor, order: Tensor, total: int) -> Tensor:
     return rows[inverse]
 
 
-def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module,
-             capacity: int | None = None) -> tuple[Tensor, Tensor]:
+# At or below this many kept assignments, dispatch runs the experts it touches one by one (decode sizes): an E-way
+# grouped matmul over mostly empty groups costs more than the touched experts themselves.
+LOOP_DISPATCH_MAX_ASSIGNMENTS = 16
+
+
+def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module, kept: Tensor | None = None, *,
+             loop_max_assignments: int | None = None) -> tuple[Tensor, Tensor]:
     """Group token copies by expert, run each expert on its own slice, sum weighted outputs back per token.
 
-    Returns (output (tokens, out_dim), routed tokens_per_expert before drops). Assignments are ordered
-    choice-major (all first choices, then all second choices), so a capacity keeps first choices first (GShard).
+    `kept` (tokens, top_k) bool leaves out dropped assignments (see `capacity_mask`). Returns (output
+    (tokens, out_dim), routed tokens_per_expert before drops). At most `loop_max_assignments` kept assignments
+    (default LOOP_DISPATCH_MAX_ASSIGNMENTS) run expert by expert, more in one grouped matmul. The outputs come
+    back by a gather, not a scatter (CPU index_add costs ~100 ms for one row in torch 2.13).
     """
+    if loop_max_assignments is None:
+        loop_max_assignments = LOOP_DISPATCH_MAX_ASSIGNMENTS
     num_tokens, top_k = router_output.indices.shape
     expert_ids = router_output.indices.t().reshape(-1)  # (top_k * tokens,) choice-major
-    expert_ids_sorted, order = expert_ids.sort(stable=True)
     tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
-    kept_per_expert = tokens_per_expert
-    if capacity is not None:
-        order = order[_within_capacity(expert_ids_sorted, tokens_per_expert, capacity)]
-        kept_per_expert = tokens_per_expert.clamp(max=capacity)
-    y = experts(x[order % num_tokens], kept_per_expert)  # (kept, out_dim)
-    y = _unsort_rows(y, order, expert_ids.numel())  # (top_k * tokens, out_dim)
+    assignments = None if kept is None else kept.t().reshape(-1).nonzero().squeeze(1)  # kept, choice-major
+    if assignments is not None:
+        expert_ids = expert_ids[assignments]
+    expert_ids_sorted, order = expert_ids.sort(stable=True)
+    if assignments is not None:
+        order = assignments[order]
+    kept_per_expert = torch.bincount(expert_ids_sorted, minlength=experts.num_experts)
+    x_sorted = x[order % num_tokens]  # (kept, dim) grouped by expert
+    if 0 < expert_ids.numel() <= loop_max_assignments:
+        y = _touched_experts_loop(experts, x_sorted, kept_per_expert)  # (kept, out_dim)
+    else:
+        y = experts(x_sorted, kept_per_expert)
+    y = _unsort_rows(y, order, top_k * num_tokens)  # (top_k * tokens, out_dim)
     weights = router_output.weights.t().reshape(-1, 1).to(y.dtype)  # (top_k * tokens, 1)
     return (y * weights).view(top_k, num_tokens, y.shape[-1]).sum(dim=0), tokens_per_expert
+
+
+def _touched_experts_loop(experts: nn.Module, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    """Decode-size expert pass: plain F.linear per expert that has rows, over x_sorted grouped by expert."""
+    slices = x_sorted.split(tokens_per_expert.tolist())
+    return torch.cat([experts.expert_forward(e, rows) for e, rows in enumerate(slices) if rows.shape[0]])
 
 
 def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
@@ -234,43 +321,82 @@ def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Modul
     return (combine.unsqueeze(-1) * outputs).sum(dim=1)
 
 
+BALANCE_COUNTS = ("top_k", "top1")
+
+
 class MoELayer(nn.Module):
-    """Router + experts (+ optional always-on shared experts), with per-expert counts kept as buffers."""
+    """Router + experts (+ optional always-on shared experts), with per-expert counts kept as buffers.
+
+    Capacity (GShard / DeepSpeed): each expert takes at most max(min_capacity, ceil(tokens / E * factor * top_k))
+    assignments per call, factor = capacity_factor in training and eval_capacity_factor in eval (None: no
+    limit); overflow is dropped and the kept weights are renormalised when the router normalises its top-k.
+    random_token_selection (top-1 only) fills the slots in random order instead of token order.
+    """
 
     def __init__(self, *, router: TopKRouter, experts: nn.Module, shared_experts: nn.Module | None = None,
-                 capacity_factor: float | None = None):
+                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
+                 min_capacity: int = 0, random_token_selection: bool = False, balance_count: str = "top_k"):
         super().__init__()
         if router.num_experts != experts.num_experts:
             raise ValueError(f"num_experts differ: router has {router.num_experts}, experts have {experts.num_experts}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if factor is not None and factor <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {factor}")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
+        if random_token_selection and router.top_k != 1:
+            raise ValueError(f"random_token_selection is DeepSpeed's top-1 rule; top_k is {router.top_k}")
+        if balance_count not in BALANCE_COUNTS:
+            raise ValueError(f"balance_count must be one of {BALANCE_COUNTS}, got {balance_count!r}")
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
-        self.capacity_factor = capacity_factor
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity, self.random_token_selection = min_capacity, random_token_selection
+        self.balance_count = balance_count
         self.track_stats = True
         counts = torch.zeros(router.num_experts, dtype=torch.long)
         self.register_buffer("expert_token_counts", counts, persistent=False)
         self.register_buffer("dropped_token_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     def capacity(self, num_tokens: int) -> int | None:
-        """Assignments each expert may take: ceil(capacity_factor * tokens * top_k / num_experts)."""
-        if self.capacity_factor is None:
+        """Assignments each expert may take now: max(min_capacity, ceil(tokens / E * factor * top_k)), computed in
+        fp32 as DeepSpeed does; None when the factor of the current mode (training / eval) is None."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.router.top_k / self.router.num_experts)
+        scaled = _float32(_float32(factor * self.router.top_k) * _float32(num_tokens / self.router.num_experts))
+        return max(self.min_capacity, math.ceil(scaled))
 
     def forward(self, x: Tensor) -> MoEOutput:
         """x (..., dim) -> MoEOutput with hidden_states (..., out_dim)."""
         flat = x.reshape(-1, x.shape[-1])  # (tokens, dim)
         routing = self.router(flat)
-        capacity = self.capacity(flat.shape[0])
-        out, tokens_per_expert = dispatch(flat, routing, self.experts, capacity)
+        kept = self._kept(routing)
+        if kept is not None:
+            renormalize = self.router.normalize_top_k
+            routing = dataclasses.replace(routing, weights=weights_over_kept(routing.weights, kept,
+                                                                             renormalize=renormalize))
+        out, tokens_per_expert = dispatch(flat, routing, self.experts, kept)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        dropped = 0 if capacity is None else int((tokens_per_expert - capacity).clamp(min=0).sum())
+        dropped = 0 if kept is None else int(kept.numel() - kept.sum())
         if self.track_stats:
             self._count(tokens_per_expert, dropped)
-        losses = {"balance": load_balancing_loss(routing.probs, routing.indices, self.router.num_experts),
+        losses = {"balance": load_balancing_loss(routing.probs, routing.indices, self.router.num_experts,
+                                                 count=self.balance_count),
                   "z": router_z_loss(routing.logits)}
         return MoEOutput(out.reshape(*x.shape[:-1], out.shape[-1]), routing, losses, dropped)
+
+    def _kept(self, routing: RouterOutput) -> Tensor | None:
+        """Capacity mask of this call's assignments (None without a capacity limit)."""
+        num_tokens = routing.indices.shape[0]
+        capacity = self.capacity(num_tokens)
+        if capacity is None or capacity >= num_tokens:  # a token takes an expert once: nothing can overflow
+            return None
+        priority = None
+        if self.random_token_selection:  # DeepSpeed draws one U(0, 1) per (token, expert)
+            uniform = torch.rand(num_tokens, self.router.num_experts, device=routing.indices.device)
+            priority = uniform.gather(1, routing.indices)
+        return capacity_mask(routing.indices, self.router.num_experts, capacity, priority)
 
     @torch.no_grad()
     def _count(self, tokens_per_expert: Tensor, dropped: int) -> None:
@@ -281,6 +407,11 @@ class MoELayer(nn.Module):
         """Zero the accumulated expert_token_counts and dropped_token_count."""
         self.expert_token_counts.zero_()
         self.dropped_token_count.zero_()
+
+
+def _float32(value: float) -> float:
+    """`value` rounded to float32 (a product of two float32 values is exact in float64, so this rounds it once)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """An upcycled Qwen3 LLM in transformers' `Qwen3MoeForCausalLM` layout (config + state dict).
 
-Qwen3-MoE routes like our upcycled layers (softmax over experts, top-k, renormalised when norm_topk_prob, no
-bias, no capacity limit, no shared expert), has Qwen3's attention (q/k RMSNorm) and chooses its MoE layers by
-`decoder_sparse_step` and `mlp_only_layers`, so any set of MoE layers is expressible. Anything else is refused
-with the reason, before a file is written.
+Qwen3-MoE routes by softmax over experts and the deterministic top-k, renormalised when norm_topk_prob (top-1
+keeps its raw probability otherwise, as MoE-LLaVA's top-1 does), with no bias, no capacity limit, no shared expert
+and no residual branch; it has Qwen3's attention (q/k RMSNorm) and chooses its MoE layers by `decoder_sparse_step`
+and `mlp_only_layers`, so any set of MoE layers is expressible. A Gumbel-sampled second expert or an eval capacity
+that can drop tokens is refused (export.py can switch the former to argmax on request), as is anything else
+Qwen3-MoE cannot express, with the reason, before a file is written.
 """
 
 import torch
@@ -63,7 +65,14 @@ def _check_routing(llm: nn.Module) -> bool:
         moe, where = ffn.moe, f"decoder layer {index}"
         reasons = [reason for reason, present in (
             ("its router has a bias", moe.router.gate.bias is not None),
-            ("it has a capacity factor (Qwen3-MoE drops no token)", moe.capacity_factor is not None),
+            (f"its eval capacity can drop tokens (--eval_capacity_factor {moe.eval_capacity_factor} x top_k "
+             f"{moe.router.top_k} < {moe.router.num_experts} experts; Qwen3-MoE drops none: export a model with "
+             "--eval_capacity_factor 0 or >= num_experts / top_k)", _eval_can_drop(moe)),
+            ("its second expert is Gumbel-sampled (--second_expert_policy sampling; Qwen3-MoE takes the next most "
+             "probable: pass `sparsevl export --second_expert_policy argmax` to export that routing)",
+             moe.router.second_expert_policy == "sampling" and moe.router.top_k > 1),
+            ("it is a Residual MoE (--use_residual; Qwen3-MoE has no dense branch nor mixing coefficient)",
+             ffn.residual is not None),
             ("it has shared experts", moe.shared_experts is not None),
             ("its experts are not gated SiLU MLPs", not isinstance(moe.experts, GatedMLPExperts)
              or not isinstance(moe.experts.act_fn, (SiLUActivation, nn.SiLU))),
@@ -74,6 +83,12 @@ def _check_routing(llm: nn.Module) -> bool:
     if len(normalize) > 1:
         raise NotExportable("cannot export to qwen3-moe: MoE layers differ in top-k renormalisation")
     return normalize.pop()
+
+
+def _eval_can_drop(moe) -> bool:
+    """Whether the eval-mode capacity can be below the token count (every expert can take every token otherwise)."""
+    factor = moe.eval_capacity_factor
+    return factor is not None and factor * moe.router.top_k < moe.router.num_experts
 
 
 def to_qwen3_moe_state_dict(llm: nn.Module) -> dict[str, Tensor]:
