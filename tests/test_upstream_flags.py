@@ -34,6 +34,18 @@ ACCEPTED = [
     (["--lora_bias", "none"], None, None),
     (["--ep_size", "1"], None, None),
 ]
+# MoE-LLaVA's names that are our own flags too (same meaning), so UPSTREAM_FLAGS needs no row for them.
+NATIVE = [
+    (["--moe_mode", "first_half"], "model.moe_mode", "first_half"),
+    (["--capacity_factor", "1.25"], "model.capacity_factor", 1.25),
+    (["--eval_capacity_factor", "1.0"], "model.eval_capacity_factor", 1.0),
+    (["--min_capacity", "4"], "model.min_capacity", 4),
+    (["--use_residual", "True"], "model.use_residual", True),
+    (["--router_aux_loss_coef", "0.02"], "training.moe_aux_loss_coef", 0.02),
+    (["--train_modules", "gate_proj", "wg"], "model.train_modules", ["gate_proj", "wg"]),
+    (["--num_experts", "8"], "model.num_experts", 8),
+    (["--top_k_experts", "1"], "model.top_k_experts", 1),
+]
 # (upstream flags, words the refusal must contain: what to use instead)
 REFUSED = [
     (["--version", "v1"], "--conversation_template chat"),
@@ -59,7 +71,8 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("flags, field, expected", ACCEPTED, ids=lambda v: v[0] if isinstance(v, list) else None)
+@pytest.mark.parametrize("flags, field, expected", ACCEPTED + NATIVE,
+                         ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_upstream_flag_is_accepted_with_its_meaning(flags, field, expected):
     args = parse_train_args(flags)
     if field is None:
