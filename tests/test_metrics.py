@@ -22,6 +22,7 @@ def test_normalize_answer_strips_case_space_and_final_periods():
     ("No, there is not.", "no"), ("There is no cat", "no"), ("I do not see one", "no"),
     ("There is a dog. No cat.", "yes"),  # only the first sentence counts
     ("not,", "no"),  # commas are removed before splitting
+    ("not\tsure", "yes"), ("There is\nno cat", "yes"),  # words are split at spaces only, as POPE does
     ("nothing", "yes"), ("Nope", "yes"), ("maybe", "yes"), ("", "yes"),  # POPE reads anything else as yes
 ])
 def test_yes_or_no_is_popes_reading(text, reading):
@@ -71,6 +72,7 @@ def test_binary_metrics_edge_cases():
                                                            "f1": 0.0, "yes_ratio": 0.5, "count": 2}
     assert binary_metrics([], []) == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                                       "yes_ratio": 0.0, "count": 0}
+    assert binary_metrics(["yes"], ["yes"])["yes_ratio"] == 1.0
     # all right: P = R = F1 = 1
     assert binary_metrics(["yes", "no", "yes"], ["yes", "no", "yes"])["f1"] == 1.0
 

@@ -1,0 +1,118 @@
+"""Mutation testing of the core modules with mutmut 3 (`make mutation`; slow, not part of CI).
+
+Each module is mutated in its own copy of the working tree (runs/mutation/<name>), where mutmut runs only the
+test files listed for it (and of those, only the tests that reach the mutated function). Mutants that
+docs/testing.md lists as equivalent (a table row starting with the mutant's name in backquotes) leave the
+count; a timeout counts as killed (the tests noticed). The last line is `mutation score: N.NN`, killed over
+non-equivalent mutants of all modules run.
+
+    python scripts/mutation.py [--modules metrics vlm ...] [--max_children 1] [--reuse]
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "testing.md"
+
+# name -> (files to mutate, test files that exercise them)
+MODULES = {
+    "conversation": (["sparsevl/data/conversation.py"],
+                     ["tests/test_conversation.py", "tests/test_dataset.py", "tests/test_bad_inputs.py"]),
+    "metrics": (["sparsevl/eval/metrics.py"], ["tests/test_metrics.py", "tests/test_eval_benchmarks.py"]),
+    "trainer": (["sparsevl/train/trainer.py", "sparsevl/train/checkpointing.py"],
+                ["tests/test_resume.py", "tests/test_train.py", "tests/test_nan_guard.py",
+                 "tests/test_trainer_units.py"]),
+    "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py"]),
+    "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_tuning.py"]),
+    "pruning": (["sparsevl/model/pruning.py"], ["tests/test_pruning.py", "tests/test_pruning_cli.py"]),
+}
+KILLED = {"killed", "timeout"}
+RESULT_LINE = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+EQUIVALENT_ROW = re.compile(r"^\|\s*`(\S+__mutmut_\d+)`\s*\|")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES), help="modules to mutate")
+    p.add_argument("--max_children", type=int, default=1, help="mutants tested in parallel (mutmut --max-children)")
+    p.add_argument("--reuse", action="store_true", help="keep runs/mutation/<name> and only test what changed")
+    p.add_argument("--out", default=str(ROOT / "runs" / "mutation"), help="folder of the per-module copies")
+    return p.parse_args(argv)
+
+
+def equivalent_mutants(doc: Path = DOC) -> set[str]:
+    """Mutant names that docs/testing.md lists as equivalent."""
+    if not doc.is_file():
+        return set()
+    return {m.group(1) for line in doc.read_text().splitlines() if (m := EQUIVALENT_ROW.match(line))}
+
+
+def prepare_copy(name: str, out: Path, reuse: bool) -> Path:
+    """A copy of the tracked and untracked (not ignored) files with a setup.cfg naming what mutmut does."""
+    mutated, tests = MODULES[name]
+    work = out / name
+    if work.exists() and not reuse:
+        shutil.rmtree(work)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for file in files:
+        if (ROOT / file).is_file():
+            (work / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / file, work / file)
+    tests = [t for t in tests if (ROOT / t).is_file()]
+    lines = ["[mutmut]", "source_paths = sparsevl", "only_mutate =", *(f"    {m}" for m in mutated),
+             "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests),
+             "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -m", "    not slow"]
+    (work / "setup.cfg").write_text("\n".join(lines) + "\n")
+    return work
+
+
+def run_module(name: str, work: Path, max_children: int) -> dict[str, str]:
+    """mutmut run in `work`; returns {mutant: status}."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
+    with open(work / "mutmut_run.log", "w") as log:
+        subprocess.run(["nice", mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env,
+                       stdout=log, stderr=subprocess.STDOUT)
+    listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                             text=True).stdout
+    return {m.group(1): m.group(2).strip() for line in listing.splitlines() if (m := RESULT_LINE.match(line))}
+
+
+def summarize(name: str, statuses: dict[str, str], equivalent: set[str]) -> tuple[int, int]:
+    """Print the module's counts and its survivors; returns (killed, non-equivalent mutants)."""
+    counted = {m: s for m, s in statuses.items() if m not in equivalent}
+    killed = sum(s in KILLED for s in counted.values())
+    survivors = sorted(m for m, s in counted.items() if s not in KILLED)
+    prefixes = tuple(path.removesuffix(".py").replace("/", ".") + "." for path in MODULES[name][0])
+    stale = sorted(m for m in equivalent if m.startswith(prefixes) and statuses.get(m, "killed") in KILLED)
+    score = killed / len(counted) if counted else 0.0
+    print(f"{name}: {killed} killed of {len(counted)} ({len(statuses) - len(counted)} equivalent) = {score:.2f}")
+    for mutant in survivors:
+        print(f"  not killed: {mutant} ({counted[mutant]})")
+    for mutant in stale:
+        print(f"  listed as equivalent but killed or gone: {mutant}")
+    return killed, len(counted)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    equivalent = equivalent_mutants()
+    total_killed = total = 0
+    for name in args.modules:
+        work = prepare_copy(name, Path(args.out), args.reuse)
+        killed, counted = summarize(name, run_module(name, work, args.max_children), equivalent)
+        total_killed, total = total_killed + killed, total + counted
+    print(f"mutation score: {total_killed / total if total else 0.0:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
