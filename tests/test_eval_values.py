@@ -4,35 +4,16 @@ the answers exactly as the same plan does in process, and `--model_id` names the
 import json
 
 import pytest
-import torch
 
 from sparsevl.cli import main as sparsevl
-from sparsevl.config import ModelArguments
 from sparsevl.eval.cli import parser as eval_parser
 from sparsevl.eval.generate import generate_answers
 from sparsevl.eval.metrics import normalize_answer
 from sparsevl.eval.run import load_for_inference
-from sparsevl.model.build import build_image_processor, build_model, save_checkpoint
 from sparsevl.model.pruning import build_pruning_plan
 
 LIMIT = 8
 PRUNING = ["--token_pruner", "sparsevlm", "--pruning_layers", "1", "--retained_tokens", "2"]
-
-
-@pytest.fixture(scope="module")
-def lively_checkpoint(shapes_tokenizer, tmp_path_factory):
-    """Random tiny-llama + tiny-clip with the LLM's matrices scaled 4x, so that answers vary with the image."""
-    torch.manual_seed(0)
-    args = ModelArguments(model_name_or_path="tiny-llama", vision_tower="tiny-clip")
-    model = build_model(args, vocab_size=len(shapes_tokenizer),
-                        image_token_id=shapes_tokenizer.convert_tokens_to_ids("<image>"))
-    with torch.no_grad():
-        for parameter in model.llm.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(4.0)
-    processor = build_image_processor(args.vision_tower, model.vision_tower.config)
-    return save_checkpoint(model, tmp_path_factory.mktemp("lively") / "lively-model", model_args=args,
-                           tokenizer=shapes_tokenizer, image_processor=processor)
 
 
 def run_eval(checkpoint, data, out, *extra) -> tuple[list[str], dict]:
