@@ -23,12 +23,13 @@ DOC = ROOT / "docs" / "testing.md"
 # name -> (files to mutate, test files that exercise them)
 MODULES = {
     "conversation": (["sparsevl/data/conversation.py"],
-                     ["tests/test_conversation.py", "tests/test_dataset.py", "tests/test_bad_inputs.py"]),
+                     ["tests/test_conversation.py", "tests/test_conversation_oracle.py", "tests/test_dataset.py"]),
     "metrics": (["sparsevl/eval/metrics.py"], ["tests/test_metrics.py", "tests/test_eval_benchmarks.py"]),
     "trainer": (["sparsevl/train/trainer.py", "sparsevl/train/checkpointing.py"],
                 ["tests/test_resume.py", "tests/test_train.py", "tests/test_nan_guard.py",
                  "tests/test_trainer_units.py"]),
-    "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py"]),
+    "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py",
+                                        "tests/test_pruning.py", "tests/test_adaptive.py"]),
     "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_tuning.py"]),
     "pruning": (["sparsevl/model/pruning.py"], ["tests/test_pruning.py", "tests/test_pruning_cli.py"]),
 }
