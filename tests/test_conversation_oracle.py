@@ -118,3 +118,14 @@ def test_unknown_template_and_no_answer_left_are_named(tok):
     with pytest.raises(BadSampleError) as error:
         tokenize_conversation(turns, tok, template="chat", max_length=10, num_image_tokens=1, num_images=0)
     assert str(error.value) == "no assistant tokens remain within --model_max_length 10"
+
+
+def test_prompts_with_a_transformers_tokenizer(shapes_tokenizer):
+    """transformers' fast tokenizers refuse add_special_tokens=None, so each call must pass False itself."""
+    tok = shapes_tokenizer
+    assert prompt_ids("<image>\nwhat shape?", tok, template="plain") == tok("<image>\n", add_special_tokens=False).input_ids
+    history = [{"from": "human", "value": "<image>\nwhat shape?"}, {"from": "gpt", "value": "circle"}]
+    expected = [i for text in ("USER: <image>\nwhat shape?\n", "ASSISTANT: ", "circle", tok.eos_token, "\n",
+                               "USER: what colour?\n", "ASSISTANT: ")
+                for i in tok(text, add_special_tokens=False).input_ids]
+    assert prompt_ids("what colour?", tok, history=history) == expected
