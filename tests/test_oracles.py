@@ -3,7 +3,7 @@ greedy loop of full forward passes, on a model whose greedy tokens change from s
 
 import pytest
 import torch
-from tiny import EOS_ID, IMAGE_TOKEN_ID, PAD_ID, make_model, prompt_with_image, random_pixels, right_padded
+from tiny import EOS_ID, IMAGE_TOKEN_ID, PAD_ID, liven, make_model, prompt_with_image, random_pixels, right_padded
 
 from sparsevl.model.llava_hf import to_llava_hf
 from sparsevl.model.vlm import IGNORE_INDEX
@@ -12,14 +12,8 @@ NEW_TOKENS = 8
 
 
 def lively_model(**overrides):
-    """tiny-llama + tiny-clip with the LLM's matrices scaled 4x: greedy decoding then emits varied tokens whose
-    choice depends on the positions (a plain random tiny model repeats one token, which hides decoding bugs)."""
-    model, _ = make_model("tiny-llama", "tiny-clip", **overrides)
-    with torch.no_grad():
-        for parameter in model.llm.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(4.0)
-    return model
+    """tiny-llama + tiny-clip, livened: its greedy tokens vary from step to step."""
+    return liven(make_model("tiny-llama", "tiny-clip", **overrides)[0])
 
 
 def expanded(row: list[int], num_image_tokens: int) -> list[int]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny import EOS_ID, make_model, prompt_with_image, random_pixels, right_padded
+from tiny import EOS_ID, liven, make_model, prompt_with_image, random_pixels, right_padded
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from sparsevl.cli import main as sparsevl
@@ -64,11 +64,7 @@ def test_chat_sampling_is_reproducible_per_seed_and_differs_from_greedy(lively_c
 
 def test_sampling_draws_from_the_tempered_softmax():
     """Oracle: the same generator drawing from softmax(logits / T) of full forward passes."""
-    model, _ = make_model("tiny-llama", "tiny-clip")
-    with torch.no_grad():
-        for parameter in model.llm.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(4.0)
+    model = liven(make_model("tiny-llama", "tiny-clip")[0])
     row, pixels = prompt_with_image(6, 1), random_pixels(1)
     ids, mask = right_padded([row])
     ours = model.generate(ids, mask, pixels, max_new_tokens=8, eos_token_id=EOS_ID, temperature=0.7,
