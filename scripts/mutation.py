@@ -6,7 +6,7 @@ docs/testing.md lists as equivalent (a table row starting with the mutant's name
 count; a timeout counts as killed (the tests noticed). The last line is `mutation score: N.NN`, killed over
 non-equivalent mutants of all modules run.
 
-    python scripts/mutation.py [--modules metrics vlm ...] [--max_children 1] [--reuse]
+    python scripts/mutation.py [--modules metrics vlm ...] [--max_children 1] [--survivors_only]
 """
 
 import argparse
@@ -29,7 +29,7 @@ MODULES = {
                 ["tests/test_resume.py", "tests/test_train.py", "tests/test_nan_guard.py",
                  "tests/test_trainer_units.py"]),
     "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py",
-                                        "tests/test_pruning.py", "tests/test_adaptive.py"]),
+                                        "tests/test_pruning.py", "tests/test_adaptive.py", "tests/test_vlm_units.py"]),
     "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_tuning.py"]),
     "pruning": (["sparsevl/model/pruning.py"], ["tests/test_pruning.py", "tests/test_pruning_cli.py"]),
 }
@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES), help="modules to mutate")
     p.add_argument("--max_children", type=int, default=1, help="mutants tested in parallel (mutmut --max-children)")
-    p.add_argument("--reuse", action="store_true", help="keep runs/mutation/<name> and only test what changed")
+    p.add_argument("--survivors_only", action="store_true",
+                   help="refresh the copy in runs/mutation/<name> and re-test only the mutants its last run left alive")
     p.add_argument("--out", default=str(ROOT / "runs" / "mutation"), help="folder of the per-module copies")
     return p.parse_args(argv)
 
@@ -54,11 +55,11 @@ def equivalent_mutants(doc: Path = DOC) -> set[str]:
     return {m.group(1) for line in doc.read_text().splitlines() if (m := EQUIVALENT_ROW.match(line))}
 
 
-def prepare_copy(name: str, out: Path, reuse: bool) -> Path:
+def prepare_copy(name: str, out: Path, keep: bool) -> Path:
     """A copy of the tracked and untracked (not ignored) files with a setup.cfg naming what mutmut does."""
     mutated, tests = MODULES[name]
     work = out / name
-    if work.exists() and not reuse:
+    if work.exists() and not keep:
         shutil.rmtree(work)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
@@ -74,14 +75,23 @@ def prepare_copy(name: str, out: Path, reuse: bool) -> Path:
     return work
 
 
-def run_module(name: str, work: Path, max_children: int) -> dict[str, str]:
-    """mutmut run in `work`; returns {mutant: status}."""
+def run_module(work: Path, max_children: int, survivors_only: bool) -> dict[str, str]:
+    """mutmut run in `work` (all mutants, or those its last run left alive); returns {mutant: status}."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
+    names = []
+    if survivors_only:
+        names = [m for m, status in statuses(work, mutmut, env).items() if status not in KILLED]
+        if not names:
+            return statuses(work, mutmut, env)
     with open(work / "mutmut_run.log", "w") as log:
-        subprocess.run(["nice", mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env,
+        subprocess.run(["nice", mutmut, "run", "--max-children", str(max_children), *names], cwd=work, env=env,
                        stdout=log, stderr=subprocess.STDOUT)
+    return statuses(work, mutmut, env)
+
+
+def statuses(work: Path, mutmut: str, env: dict) -> dict[str, str]:
     listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                              text=True).stdout
     return {m.group(1): m.group(2).strip() for line in listing.splitlines() if (m := RESULT_LINE.match(line))}
@@ -108,8 +118,8 @@ def main(argv=None) -> int:
     equivalent = equivalent_mutants()
     total_killed = total = 0
     for name in args.modules:
-        work = prepare_copy(name, Path(args.out), args.reuse)
-        killed, counted = summarize(name, run_module(name, work, args.max_children), equivalent)
+        work = prepare_copy(name, Path(args.out), keep=args.survivors_only)
+        killed, counted = summarize(name, run_module(work, args.max_children, args.survivors_only), equivalent)
         total_killed, total = total_killed + killed, total + counted
     print(f"mutation score: {total_killed / total if total else 0.0:.2f}")
     return 0
