@@ -10,6 +10,7 @@ non-equivalent mutants of all modules run.
 """
 
 import argparse
+import fnmatch
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "testing.md"
 
-# name -> (files to mutate, test files that exercise them)
+# name -> (files to mutate, test files that exercise them); SCOPE narrows a module to some functions' mutants
 MODULES = {
     "conversation": (["sparsevl/data/conversation.py"],
                      ["tests/test_conversation.py", "tests/test_conversation_oracle.py", "tests/test_dataset.py"]),
@@ -29,9 +30,15 @@ MODULES = {
                 ["tests/test_resume.py", "tests/test_train.py", "tests/test_nan_guard.py",
                  "tests/test_trainer_units.py"]),
     "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py",
-                                        "tests/test_pruning.py", "tests/test_adaptive.py", "tests/test_vlm_units.py"]),
+                                        "tests/test_pruning.py", "tests/test_vlm_units.py"]),
     "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_tuning.py"]),
     "pruning": (["sparsevl/model/pruning.py"], ["tests/test_pruning.py", "tests/test_pruning_cli.py"]),
+}
+SCOPE = {  # vlm.py: merging images into the text and generation (adaptive layers and pruning have their own modules)
+    "vlm": [f"sparsevl.model.vlm.{name}__mutmut_*" for name in (
+        "xǁSparseVLMǁprepare_inputs", "xǁSparseVLMǁmerge_inputs", "xǁSparseVLMǁ_merge_row", "xǁSparseVLMǁgenerate",
+        "xǁSparseVLMǁ_pruned_step", "xǁSparseVLMǁlm_logits", "x__pad_rows", "x__next_token", "x__until_eos",
+        "x_causal_lm_loss", "x_pop_module_losses")],
 }
 KILLED = {"killed", "timeout"}
 RESULT_LINE = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
@@ -75,26 +82,29 @@ def prepare_copy(name: str, out: Path, keep: bool) -> Path:
     return work
 
 
-def run_module(work: Path, max_children: int, survivors_only: bool) -> dict[str, str]:
-    """mutmut run in `work` (all mutants, or those its last run left alive); returns {mutant: status}."""
+def run_module(name: str, work: Path, max_children: int, survivors_only: bool) -> dict[str, str]:
+    """mutmut run in `work` (the module's mutants in scope, or those its last run left alive); returns
+    {mutant: status} of the mutants in scope."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
-    names = []
+    names = SCOPE.get(name, [])
     if survivors_only:
-        names = [m for m, status in statuses(work, mutmut, env).items() if status not in KILLED]
+        names = [m for m, status in statuses(name, work, mutmut, env).items() if status not in KILLED]
         if not names:
-            return statuses(work, mutmut, env)
+            return statuses(name, work, mutmut, env)
     with open(work / "mutmut_run.log", "w") as log:
         subprocess.run(["nice", mutmut, "run", "--max-children", str(max_children), *names], cwd=work, env=env,
                        stdout=log, stderr=subprocess.STDOUT)
-    return statuses(work, mutmut, env)
+    return statuses(name, work, mutmut, env)
 
 
-def statuses(work: Path, mutmut: str, env: dict) -> dict[str, str]:
+def statuses(name: str, work: Path, mutmut: str, env: dict) -> dict[str, str]:
     listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                              text=True).stdout
-    return {m.group(1): m.group(2).strip() for line in listing.splitlines() if (m := RESULT_LINE.match(line))}
+    found = {m.group(1): m.group(2).strip() for line in listing.splitlines() if (m := RESULT_LINE.match(line))}
+    scope = SCOPE.get(name)
+    return {m: s for m, s in found.items() if not scope or any(fnmatch.fnmatch(m, p) for p in scope)}
 
 
 def summarize(name: str, statuses: dict[str, str], equivalent: set[str]) -> tuple[int, int]:
@@ -119,7 +129,7 @@ def main(argv=None) -> int:
     total_killed = total = 0
     for name in args.modules:
         work = prepare_copy(name, Path(args.out), keep=args.survivors_only)
-        killed, counted = summarize(name, run_module(work, args.max_children, args.survivors_only), equivalent)
+        killed, counted = summarize(name, run_module(name, work, args.max_children, args.survivors_only), equivalent)
         total_killed, total = total_killed + killed, total + counted
     print(f"mutation score: {total_killed / total if total else 0.0:.2f}")
     return 0
