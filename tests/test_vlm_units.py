@@ -45,6 +45,45 @@ def test_generation_ends_as_soon_as_every_row_has_finished(lively):
     assert len(steps) == stop + 1  # no step after the only row finished
 
 
+def test_sampling_draws_from_the_tempered_softmax(lively):
+    """Oracle: the same generator drawing from softmax(logits / T) of full forward passes."""
+    model, _, _, pixels = lively
+    row, pixels = prompt_with_image(6, 1), pixels[:1]
+    ids, mask = right_padded([row])
+    ours = model.generate(ids, mask, pixels, max_new_tokens=8, eos_token_id=EOS_ID, temperature=0.7,
+                          generator=torch.Generator().manual_seed(5))[0]
+    generator, tokens = torch.Generator().manual_seed(5), []
+    for _ in range(8):
+        sequence = torch.tensor([row + tokens])
+        logits = model(sequence, torch.ones_like(sequence), pixels).logits[0, -1]
+        token = int(torch.multinomial(torch.softmax(logits / 0.7, -1), 1, generator=generator))
+        if token == EOS_ID:
+            break
+        tokens.append(token)
+    assert ours == tokens and len(set(tokens)) > 2
+
+
+def gpt2_model():
+    """The tiny VLM with a GPT-2 LM: absolute position embeddings, so positions shifted by padding would show."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model, _ = make_model("tiny-llama", "tiny-clip")
+    model.llm = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=128, n_layer=2, n_head=4, n_positions=256)).eval()
+    return model
+
+
+@pytest.mark.parametrize("llm", ["lively llama", "gpt2"])
+def test_lm_logits_honours_left_padding_and_logits_to_keep(lively, llm):
+    model, ids, mask, pixels = lively
+    model = model if llm == "lively llama" else gpt2_model()
+    inputs, _ = model.prepare_inputs(ids, mask, pixels, padding_side="left")
+    logits = model.lm_logits(inputs)  # (batch, seq, vocab)
+    short = inputs.attention_mask[1].sum()  # row 1 is left padded
+    single, _ = model.prepare_inputs(ids[1:, :3], mask[1:, :3], pixels[1:])
+    torch.testing.assert_close(logits[1, -short:], model.lm_logits(single)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.lm_logits(inputs, logits_to_keep=1), logits[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 class Lossy(nn.Module):
     def __init__(self, losses):
         super().__init__()
