@@ -86,7 +86,8 @@ def run_module(name: str, work: Path, max_children: int, survivors_only: bool) -
     """mutmut run in `work` (the module's mutants in scope, or those its last run left alive); returns
     {mutant: status} of the mutants in scope."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "SPARSEVL_TEST_CACHE": str(work / "fixture_cache")}  # session fixtures built once, not per mutant
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
     names = SCOPE.get(name, [])
     if survivors_only:

@@ -25,8 +25,10 @@ def test_a_row_that_meets_eos_stops_while_the_other_goes_on(lively):
     # an eos that row 0 emits at step `stop` and row 1 never does
     stop = next(i for i, t in enumerate(free[0]) if t not in free[0][:i] and t not in free[1] and i > 0)
     eos = free[0][stop]
-    steps = []
-    stopped = model.generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS, eos_token_id=eos, on_token=steps.append)
+    steps, merged = [], []
+    stopped = model.generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS, eos_token_id=eos, on_token=steps.append,
+                             on_inputs=merged.append)
+    assert not merged[0].inputs_embeds.requires_grad  # generation builds no autograd graph
     assert stopped == [free[0][:stop], free[1]]
     assert len(steps) == NEW_TOKENS  # row 1 keeps the loop going to the end
     assert [int(step[0]) for step in steps] == free[0][:stop] + [eos] * (NEW_TOKENS - stop)  # finished: eos
