@@ -6,7 +6,7 @@ docs/testing.md lists as equivalent (a table row starting with the mutant's name
 count; a timeout counts as killed (the tests noticed). The last line is `mutation score: N.NN`, killed over
 non-equivalent mutants of all modules run.
 
-    python scripts/mutation.py [--modules metrics vlm ...] [--max_children 1] [--survivors_only]
+    python scripts/mutation.py [--modules metrics vlm ...] [--max_children 1] [--survivors_only | --report_only]
 """
 
 import argparse
@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_children", type=int, default=1, help="mutants tested in parallel (mutmut --max-children)")
     p.add_argument("--survivors_only", action="store_true",
                    help="refresh the copy in runs/mutation/<name> and re-test only the mutants its last run left alive")
+    p.add_argument("--report_only", action="store_true", help="run nothing: summarize the last run of each module")
     p.add_argument("--out", default=str(ROOT / "runs" / "mutation"), help="folder of the per-module copies")
     return p.parse_args(argv)
 
@@ -82,7 +83,8 @@ def prepare_copy(name: str, out: Path, keep: bool) -> Path:
     return work
 
 
-def run_module(name: str, work: Path, max_children: int, survivors_only: bool) -> dict[str, str]:
+def run_module(name: str, work: Path, max_children: int, survivors_only: bool, report_only: bool = False
+               ) -> dict[str, str]:
     """mutmut run in `work` (the module's mutants in scope, or those its last run left alive); returns
     {mutant: status} of the mutants in scope."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
@@ -90,6 +92,8 @@ def run_module(name: str, work: Path, max_children: int, survivors_only: bool) -
            "SPARSEVL_TEST_CACHE": str(work / "fixture_cache")}  # session fixtures built once, not per mutant
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
     names = SCOPE.get(name, [])
+    if report_only:
+        return statuses(name, work, mutmut, env)
     if survivors_only:
         names = [m for m, status in statuses(name, work, mutmut, env).items() if status not in KILLED]
         if not names:
@@ -129,8 +133,10 @@ def main(argv=None) -> int:
     equivalent = equivalent_mutants()
     total_killed = total = 0
     for name in args.modules:
-        work = prepare_copy(name, Path(args.out), keep=args.survivors_only)
-        killed, counted = summarize(name, run_module(name, work, args.max_children, args.survivors_only), equivalent)
+        work = Path(args.out) / name if args.report_only else prepare_copy(name, Path(args.out),
+                                                                           keep=args.survivors_only)
+        results = run_module(name, work, args.max_children, args.survivors_only, args.report_only)
+        killed, counted = summarize(name, results, equivalent)
         total_killed, total = total_killed + killed, total + counted
     print(f"mutation score: {total_killed / total if total else 0.0:.2f}")
     return 0

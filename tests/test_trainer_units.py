@@ -98,3 +98,25 @@ def test_log_adds_token_weighted_means_bad_steps_and_callback_values(tmp_path):
     trainer.log({"eval_loss": 1.0})  # entries without "loss" get nothing added
     last = trainer.state.log_history[-1]
     assert "bad_steps" not in last and "expert_load/x" not in last and last["eval_loss"] == 1.0
+
+
+def test_resume_weights_load_strictly_and_name_the_problem(tmp_path):
+    from sparsevl.model.build import WEIGHTS_NAME, save_weights
+    from sparsevl.train.checkpointing import RESUME_WEIGHTS_NAME, load_resume_weights, save_resume_weights
+
+    saved = nn.Linear(2, 3)  # no `llm`: a plain (non-LoRA) model reads model.safetensors
+    save_weights(saved.state_dict(), tmp_path / WEIGHTS_NAME)
+    live = nn.Linear(2, 3)
+    load_resume_weights(live, tmp_path)
+    assert torch.equal(live.weight, saved.weight) and torch.equal(live.bias, saved.bias)
+    save_resume_weights(live, tmp_path / "elsewhere")  # only LoRA runs keep a second copy
+    assert not (tmp_path / "elsewhere" / RESUME_WEIGHTS_NAME).exists()
+    with pytest.raises(ValueError) as error:
+        load_resume_weights(nn.Linear(2, 4), tmp_path)
+    assert str(error.value).startswith(f"checkpoint {tmp_path} does not fit the model being trained: ")
+    lora = nn.Module()
+    lora.llm = SimpleNamespace(merge_adapter=None)  # what PEFT's wrapper has
+    with pytest.raises(ValueError) as error:
+        load_resume_weights(lora, tmp_path)
+    assert str(error.value) == (f"checkpoint {tmp_path} has no {RESUME_WEIGHTS_NAME}: it was not saved by a LoRA "
+                                "run, so a LoRA run cannot resume from it")
