@@ -114,13 +114,16 @@ def statuses(name: str, work: Path, mutmut: str, env: dict) -> dict[str, str]:
 
 def summarize(name: str, statuses: dict[str, str], equivalent: set[str]) -> tuple[int, int]:
     """Print the module's counts and its survivors; returns (killed, non-equivalent mutants)."""
-    counted = {m: s for m, s in statuses.items() if m not in equivalent}
+    not_run = sorted(m for m, s in statuses.items() if s == "not checked")  # an interrupted run's remainder
+    counted = {m: s for m, s in statuses.items() if m not in equivalent and s != "not checked"}
     killed = sum(s in KILLED for s in counted.values())
     survivors = sorted(m for m, s in counted.items() if s not in KILLED)
     prefixes = tuple(path.removesuffix(".py").replace("/", ".") + "." for path in MODULES[name][0])
     stale = sorted(m for m in equivalent if m.startswith(prefixes) and statuses.get(m, "killed") in KILLED)
     score = killed / len(counted) if counted else 0.0
-    print(f"{name}: {killed} killed of {len(counted)} ({len(statuses) - len(counted)} equivalent) = {score:.2f}")
+    equivalents = len(statuses) - len(counted) - len(not_run)
+    print(f"{name}: {killed} killed of {len(counted)} ({equivalents} equivalent) = {score:.2f}"
+          + (f"; {len(not_run)} mutants not run yet (interrupted run)" if not_run else ""))
     for mutant in survivors:
         print(f"  not killed: {mutant} ({counted[mutant]})")
     for mutant in stale:

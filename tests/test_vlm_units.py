@@ -42,9 +42,9 @@ def test_generation_ends_as_soon_as_every_row_has_finished(lively):
     free = model.generate(ids[:1], mask[:1], pixels[:1], max_new_tokens=NEW_TOKENS, eos_token_id=EOS_ID)[0]
     stop = next(i for i, t in enumerate(free) if i > 0 and t not in free[:i])
     steps = []
-    model.generate(ids[:1], mask[:1], pixels[:1], max_new_tokens=NEW_TOKENS, eos_token_id=free[stop],
-                   on_token=steps.append)
-    assert len(steps) == stop + 1  # no step after the only row finished
+    tokens = model.generate(ids[:1], mask[:1], pixels[:1], max_new_tokens=NEW_TOKENS, eos_token_id=free[stop],
+                            on_token=steps.append)
+    assert len(steps) == stop + 1 and tokens == [free[:stop]]  # no step after the only row finished
 
 
 def test_sampling_draws_from_the_tempered_softmax(lively):
