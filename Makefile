@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test install system-deps clean mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,3 +30,8 @@ test: system-deps $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Mutation testing of the core modules (slow: an hour or more on 2 cores; not run by CI). MODULES=metrics vlm ...
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	OMP_NUM_THREADS=1 $(PY) scripts/mutation.py $(if $(MODULES),--modules $(MODULES))

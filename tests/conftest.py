@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,15 +26,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills, once per session; with SPARSEVL_TEST_CACHE set (mutation runs start a
+    test session per mutant) once per cache folder, since these fixtures are deterministic."""
+    cache = os.environ.get("SPARSEVL_TEST_CACHE")
+    if not cache:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    out = Path(cache) / name
+    if not (out / ".complete").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        build(out)
+        (out / ".complete").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A small built-in benchmark data set, generated once per test session."""
     from sparsevl.data.shapes import generate_shapes_dataset
 
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes_dataset(out, num_train=64, num_test=16, image_size=64, grid=4, min_objects=1, max_objects=6,
-                            qa_per_image=3, seed=0)
-    return out
+    return built_once(tmp_path_factory, "shapes", lambda out: generate_shapes_dataset(
+        out, num_train=64, num_test=16, image_size=64, grid=4, min_objects=1, max_objects=6, qa_per_image=3, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +57,11 @@ def shapes_tokenizer(shapes_dir, tmp_path_factory):
     """A tokenizer trained on the small data set, saved to disk (its directory is `tokenizer.name_or_path`)."""
     from sparsevl.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, texts_from_llava_json
 
-    tokenizer = build_tokenizer(texts_from_llava_json([shapes_dir / "captions.json", shapes_dir / "finetune.json"]))
-    directory = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(tokenizer, directory)
-    return load_tokenizer(directory)
+    def build(directory):
+        texts = texts_from_llava_json([shapes_dir / "captions.json", shapes_dir / "finetune.json"])
+        save_tokenizer(build_tokenizer(texts), directory)
+
+    return load_tokenizer(built_once(tmp_path_factory, "tokenizer", build))
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +70,15 @@ def tiny_checkpoint(shapes_tokenizer, tmp_path_factory):
     from sparsevl.config import ModelArguments
     from sparsevl.model.build import build_image_processor, build_model, save_checkpoint
 
-    torch.manual_seed(0)
-    args = ModelArguments(model_name_or_path="tiny-llama", vision_tower="tiny-clip")
-    model = build_model(args, vocab_size=len(shapes_tokenizer),
-                        image_token_id=shapes_tokenizer.convert_tokens_to_ids("<image>"))
-    processor = build_image_processor(args.vision_tower, model.vision_tower.config)
-    return save_checkpoint(model, tmp_path_factory.mktemp("tiny_checkpoint"), model_args=args,
-                           tokenizer=shapes_tokenizer, image_processor=processor)
+    def build(directory):
+        torch.manual_seed(0)
+        args = ModelArguments(model_name_or_path="tiny-llama", vision_tower="tiny-clip")
+        model = build_model(args, vocab_size=len(shapes_tokenizer),
+                            image_token_id=shapes_tokenizer.convert_tokens_to_ids("<image>"))
+        processor = build_image_processor(args.vision_tower, model.vision_tower.config)
+        save_checkpoint(model, directory, model_args=args, tokenizer=shapes_tokenizer, image_processor=processor)
+
+    return built_once(tmp_path_factory, "tiny_checkpoint", build)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +86,8 @@ def lively_checkpoint(shapes_tokenizer, tmp_path_factory):
     """A tiny checkpoint whose greedy answers vary with prompt and image (see tiny.save_lively_checkpoint)."""
     from tiny import save_lively_checkpoint
 
-    return save_lively_checkpoint(tmp_path_factory.mktemp("lively_checkpoint"), shapes_tokenizer)
+    return built_once(tmp_path_factory, "lively",
+                      lambda out: save_lively_checkpoint(out / "lively-model", shapes_tokenizer)) / "lively-model"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sparsevl.config import parse_train_args
 from sparsevl.model.build import build_model, configure_trainable
@@ -26,4 +27,6 @@ def test_recipe_parses_and_builds(recipe):
     model = build_model(model_args, vocab_size=64, image_token_id=63)
     mode = configure_trainable(model, model_args)
     assert any(p.requires_grad for p in model.parameters()), mode
-    assert training_args.learning_rate > 0
+    recipe_values = yaml.safe_load(recipe.read_text())
+    if "learning_rate" in recipe_values:  # the YAML value arrives as a float (PyYAML reads 1e-4 as a string)
+        assert training_args.learning_rate == float(recipe_values["learning_rate"])

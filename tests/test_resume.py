@@ -26,14 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, SAVE_STEPS = 12, 4
 
 
-def start(shapes_dir, shapes_tokenizer, out: Path, pause: str | None = None, **extra) -> subprocess.Popen:
-    """`sparsevl train` in a child process (one thread, so runs are bitwise comparable)."""
+def start(shapes_dir, shapes_tokenizer, out: Path, pause: str | None = None, steps: Path | None = None,
+          **extra) -> subprocess.Popen:
+    """`sparsevl train` in a child process (one thread, so runs are bitwise comparable); the numbers of the
+    steps it trains are appended to `steps`."""
     flags = train_flags(shapes_dir, shapes_tokenizer, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS,
                         logging_steps=1, per_device_train_batch_size=4, learning_rate=1e-3, report_to="none",
                         **extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-           "PAUSE": pause or "", "MARKER": str(out) + ".paused"}
-    log = open(str(out) + ".log", "w")
+           "PAUSE": pause or "", "MARKER": str(out) + ".paused", "STEPS": str(steps or "")}
+    log = open(str(out) + ".log", "a")
     return subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_driver.py"), *flags], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
@@ -78,11 +80,17 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_latest_equals_an_unbroken_run(shapes_dir, shapes_tokenizer, tmp_path, unbroken):
     out = tmp_path / "run"
-    kill_when_paused(start(shapes_dir, shapes_tokenizer, out, pause="step:6"), out)
+    first, second = tmp_path / "first.steps", tmp_path / "second.steps"
+    kill_when_paused(start(shapes_dir, shapes_tokenizer, out, pause="step:6", steps=first), out)
+    assert first.read_text().split() == [str(step) for step in range(1, 7)]
     assert latest_checkpoint(out) == out / "checkpoint-4"
     assert not (out / "model.safetensors").exists()  # the run really died before its end
-    finish(start(shapes_dir, shapes_tokenizer, out, resume_from_checkpoint="latest"), out)
-    assert "resuming from" in Path(str(out) + ".log").read_text()
+    log = Path(str(out) + ".log")
+    assert "resuming from" not in log.read_text()  # a fresh run does not claim to resume
+    finish(start(shapes_dir, shapes_tokenizer, out, steps=second, resume_from_checkpoint="latest"), out)
+    # the resumed process trains steps 5..12 only (a restart from step 1 would end bit-identical too)
+    assert second.read_text().split() == [str(step) for step in range(5, MAX_STEPS + 1)]
+    assert f"resuming from {out / 'checkpoint-4'}" in log.read_text()
     assert_same_run(out, unbroken)
 
 
@@ -96,7 +104,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(shapes_dir, shapes
     assert latest_checkpoint(out) == out / "checkpoint-4" and not missing_files(out / "checkpoint-4")
     model, _ = load_checkpoint(out / "checkpoint-4")  # the previous checkpoint still loads
     assert model.num_image_tokens == 64
-    finish(start(shapes_dir, shapes_tokenizer, out, resume_from_checkpoint="latest"), out)
+    steps = tmp_path / "resumed.steps"
+    finish(start(shapes_dir, shapes_tokenizer, out, steps=steps, resume_from_checkpoint="latest"), out)
+    assert steps.read_text().split() == [str(step) for step in range(5, MAX_STEPS + 1)]
     assert not list(out.glob(STAGING_PREFIX + "*"))
     assert_same_run(out, unbroken)
 
@@ -132,6 +142,8 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-30: not a complete step checkpoint .*trainer_state\.json"):
         resolve_resume(str(tmp_path / "checkpoint-30"), tmp_path)
     assert resolve_resume("latest", tmp_path / "empty") is None  # nothing saved yet: a fresh start
+    assert resolve_resume("true", tmp_path) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume("False", tmp_path) is None and resolve_resume("", tmp_path) is None
 
 
 def test_publish_replaces_only_when_complete_and_cleanup_restores_an_interrupted_swap(tmp_path):
@@ -169,7 +181,7 @@ def test_a_resumed_run_remembers_the_best_loss_so_far(tmp_path):
     assert not list(tmp_path.glob(STAGING_PREFIX + "*"))
 
 
-def test_a_lora_run_resumes_from_its_unmerged_weights(shapes_dir, shapes_tokenizer, tmp_path):
+def test_a_lora_run_resumes_from_its_unmerged_weights(shapes_dir, shapes_tokenizer, tmp_path, capsys):
     def run(out, **extra):
         return train(*parse_train_args(train_flags(
             shapes_dir, shapes_tokenizer, out, max_steps=8, save_steps=4, logging_steps=1, per_device_train_batch_size=4,
@@ -178,5 +190,7 @@ def test_a_lora_run_resumes_from_its_unmerged_weights(shapes_dir, shapes_tokeniz
     reference = run(tmp_path / "unbroken")
     shutil.copytree(reference / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     assert (tmp_path / "resumed" / "checkpoint-4" / "resume_weights.safetensors").is_file()
+    capsys.readouterr()
     resumed = run(tmp_path / "resumed", resume_from_checkpoint="latest")
+    assert f"resuming from {tmp_path / 'resumed' / 'checkpoint-4'}" in capsys.readouterr().out
     assert curve(resumed) == curve(reference) and len(curve(reference)) == 8

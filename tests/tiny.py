@@ -18,6 +18,16 @@ def make_model(llm: str = "tiny-llama", vision: str = "tiny-clip", projector: st
     return build_model(args, vocab_size=VOCAB_SIZE, image_token_id=IMAGE_TOKEN_ID).eval(), args
 
 
+def liven(model):
+    """Scale the LLM's matrices 4x in place: greedy decoding then emits varied tokens that depend on the image
+    and the positions (a plain random tiny model repeats one token, which hides decoding bugs)."""
+    with torch.no_grad():
+        for parameter in model.llm.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(4.0)
+    return model
+
+
 def random_pixels(num_images: int, size: int = 64, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_images, 3, size, size, generator=generator)

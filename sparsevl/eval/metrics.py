@@ -8,8 +8,10 @@ def normalize_answer(text: str) -> str:
 
 
 def yes_or_no(text: str) -> str:
-    """POPE's reading of a free-form answer: 'yes' if it starts with yes, else 'no'."""
-    return "yes" if normalize_answer(text).split(" ")[:1] == ["yes"] else "no"
+    """POPE's reading of a free-form answer (its eval_pope.py): 'no' when a space-separated word of the first
+    sentence, commas removed, is 'No', 'no' or 'not'; anything else is 'yes'."""
+    words = text.strip().split(".")[0].replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
 def exact_match_by_type(rows: list[dict]) -> dict[str, dict]:

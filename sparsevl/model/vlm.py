@@ -207,7 +207,6 @@ class SparseVLM(nn.Module):
         return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                         position_ids=inputs.position_ids, use_cache=False, **llm_kwargs).logits
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                  *, max_new_tokens: int = 16, eos_token_id: int, use_cache: bool = True,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
@@ -220,42 +219,43 @@ class SparseVLM(nn.Module):
         `on_token` each step's tokens (batch,) as they are chosen (finished rows repeat eos), and `on_kept`,
         when a pruner runs inside the LLM, the prompt positions the last layer kept (batch, kept seq).
         """
-        inputs, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values, padding_side="left")
-        if on_inputs is not None:
-            on_inputs(inputs)
-        embeds, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
-        context = self.pruning_context(input_ids, attention_mask, inputs) if self.prunes_in_llm else None
-        cache = DynamicCache() if use_cache and context is None else None
-        step_embeds, step_positions = embeds, positions
-        new_tokens = torch.empty(len(embeds), 0, dtype=torch.long, device=embeds.device)
-        finished = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
-        for _ in range(max_new_tokens):
-            if context is None:
-                logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
-                                  use_cache=use_cache, **cache_kwarg(self.llm, cache)).logits[:, -1]
-            else:
-                logits, cache, kept_index = self._pruned_step(step_embeds, mask, step_positions, context, cache,
-                                                              use_cache)
-                if on_kept is not None and new_tokens.shape[1] == 0:  # the prefill decided what is kept
-                    on_kept(kept_index)
-            token = _next_token(logits, temperature, generator)
-            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-            if on_token is not None:
-                on_token(token)
-            new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
-            finished |= token == eos_token_id
-            if finished.all():
-                break
-            token_embeds = self.llm.get_input_embeddings()(token[:, None])
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-            next_positions = positions[:, -1:] + 1
-            positions = torch.cat([positions, next_positions], dim=1)
-            if use_cache:
-                step_embeds, step_positions = token_embeds, next_positions
-            else:
-                embeds = torch.cat([embeds, token_embeds], dim=1)
-                step_embeds, step_positions = embeds, positions
-        return [_until_eos(row, eos_token_id) for row in new_tokens.tolist()]
+        with torch.no_grad():  # a block, not a decorator: mutmut does not mutate decorated functions
+            inputs, _ = self.prepare_inputs(input_ids, attention_mask, pixel_values, padding_side="left")
+            if on_inputs is not None:
+                on_inputs(inputs)
+            embeds, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
+            context = self.pruning_context(input_ids, attention_mask, inputs) if self.prunes_in_llm else None
+            cache = DynamicCache() if use_cache and context is None else None
+            step_embeds, step_positions = embeds, positions
+            new_tokens = torch.empty(len(embeds), 0, dtype=torch.long, device=embeds.device)
+            finished = torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+            for _ in range(max_new_tokens):
+                if context is None:
+                    logits = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                                      use_cache=use_cache, **cache_kwarg(self.llm, cache)).logits[:, -1]
+                else:
+                    logits, cache, kept_index = self._pruned_step(step_embeds, mask, step_positions, context, cache,
+                                                                  use_cache)
+                    if on_kept is not None and new_tokens.shape[1] == 0:  # the prefill decided what is kept
+                        on_kept(kept_index)
+                token = _next_token(logits, temperature, generator)
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                if on_token is not None:
+                    on_token(token)
+                new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
+                finished |= token == eos_token_id
+                if finished.all():
+                    break
+                token_embeds = self.llm.get_input_embeddings()(token[:, None])
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+                next_positions = positions[:, -1:] + 1
+                positions = torch.cat([positions, next_positions], dim=1)
+                if use_cache:
+                    step_embeds, step_positions = token_embeds, next_positions
+                else:
+                    embeds = torch.cat([embeds, token_embeds], dim=1)
+                    step_embeds, step_positions = embeds, positions
+            return [_until_eos(row, eos_token_id) for row in new_tokens.tolist()]
 
     def _pruned_step(self, embeds, mask, positions, context: PruningContext, past: LayerwiseCache | None,
                      use_cache: bool) -> tuple[torch.Tensor, LayerwiseCache | None, torch.Tensor]:

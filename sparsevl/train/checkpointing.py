@@ -67,8 +67,8 @@ def resolve_resume(value: str | None, output_dir: str | Path) -> str | None:
         return None
     if value.lower() in (RESUME_LATEST, "true"):
         found = latest_checkpoint(output_dir)
-        print(f"resuming from {found}" if found else f"no complete checkpoint in {output_dir} yet: starting fresh",
-              flush=True)
+        if found is None:
+            print(f"no complete checkpoint in {output_dir} yet: starting fresh", flush=True)
         return str(found) if found else None
     missing = missing_files(value)
     if missing:

@@ -190,6 +190,8 @@ class SparseVLTrainer(Trainer):
         return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Trainer calls this only when it resumes, so the log line below says that resuming really happens."""
+        print(f"resuming from {resume_from_checkpoint}", flush=True)
         model = model if model is not None else self.model
         if self.sharded:
             load_model_shard(model, resume_from_checkpoint)

@@ -1,0 +1,122 @@
+"""The trainer's loss arithmetic and logging against values worked out by hand."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+from sparsevl.train.guard import NonFiniteGuard
+from sparsevl.train.trainer import (LogValuesCallback, SparseVLTrainer, global_batch_share, labelled_tokens,
+                                    weighted_total)
+
+
+def test_weighted_total_and_unknown_losses():
+    losses = {"lm": torch.tensor(2.0), "balance": torch.tensor(3.0)}
+    assert float(weighted_total(losses, {"lm": 1.0, "balance": 0.01, "z": 5.0})) == pytest.approx(2.03)
+    with pytest.raises(KeyError) as error:
+        weighted_total({"lm": torch.tensor(1.0), "align": torch.tensor(1.0)}, {"lm": 1.0, "z": 0.0})
+    assert error.value.args[0] == "no weight configured for loss(es) ['align']; known weights: ['lm', 'z']"
+
+
+def test_labelled_tokens_counts_shifted_labels():
+    labels = torch.tensor([[-100, 5, 6, -100], [1, -100, 7, 8]])
+    assert labelled_tokens(labels) == 2 + 2  # the first column has no previous token to predict it from
+    assert labelled_tokens(None) == 0
+
+
+def test_global_batch_share_by_hand():
+    shares = global_batch_share({"lm": torch.tensor(2.0), "balance": torch.tensor(0.4)}, 3, 12, num_processes=2,
+                                accumulation_steps=4)
+    assert float(shares["lm"]) == pytest.approx(2.0 * 3 * 2 / 12)  # lm x tokens here x processes / global tokens
+    assert float(shares["balance"]) == pytest.approx(0.4 / 4)
+    assert set(global_batch_share({"z": torch.tensor(1.0)}, 3, 12, num_processes=1, accumulation_steps=2)) == {"z"}
+
+
+class FixedLosses(nn.Module):
+    """A stand-in model whose forward returns given losses and labels."""
+
+    def __init__(self, losses, labels, copies=1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.result = SimpleNamespace(losses=losses, inputs=SimpleNamespace(labels=labels, copies=copies))
+
+    def forward(self, **inputs):
+        return self.result
+
+
+class Constant(LogValuesCallback):
+    def log_values(self, model):
+        return {"expert_load/x": 1.5}
+
+
+def make_trainer(tmp_path, model, **kwargs):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = SparseVLTrainer(model=model, args=args, loss_weights={"lm": 1.0, "balance": 0.5}, model_args=None,
+                              **kwargs)
+    trainer.current_gradient_accumulation_steps = 2  # set by Trainer's loop when training
+    return trainer
+
+
+def test_compute_loss_weights_the_global_share_and_records_raw_values(tmp_path):
+    labels = torch.tensor([[-100, 4, 5, 6]])  # 3 labelled tokens
+    model = FixedLosses({"lm": torch.tensor(2.0), "balance": torch.tensor(0.4)}, labels)
+    trainer = make_trainer(tmp_path, model)
+    model.train()
+    total = trainer.compute_loss(model, {"sample_index": torch.tensor([0])}, num_items_in_batch=6)
+    assert float(total) == pytest.approx(2.0 * 3 / 6 + 0.5 * 0.4 / 2)  # balance: 1 / accumulation steps
+    assert dict(trainer._loss_sums) == pytest.approx({"lm": 6.0, "balance": 0.4})
+    assert dict(trainer._loss_counts) == {"lm": 3, "balance": 1}
+    model.eval()  # evaluation passes are not recorded
+    total, outputs = trainer.compute_loss(model, {}, return_outputs=True)
+    assert float(total) == pytest.approx(2.0 + 0.5 * 0.4) and outputs is model.result
+    assert dict(trainer._loss_counts) == {"lm": 3, "balance": 1}
+
+
+def test_compute_loss_divides_the_tokens_of_k_copies(tmp_path):
+    labels = torch.tensor([[-100, 4, 5, 6, 7], [-100, 4, 5, 6, 7]])  # 2 copies of one sample: 4 tokens each
+    model = FixedLosses({"lm": torch.tensor(1.0)}, labels, copies=2)
+    trainer = make_trainer(tmp_path, model)
+    model.train()
+    assert float(trainer.compute_loss(model, {}, num_items_in_batch=8)) == pytest.approx(4 / 8)
+    assert dict(trainer._loss_counts) == {"lm": 4}
+
+
+def test_log_adds_token_weighted_means_bad_steps_and_callback_values(tmp_path):
+    guard = NonFiniteGuard(3)
+    trainer = make_trainer(tmp_path, FixedLosses({}, None), guard=guard, callbacks=[Constant()])
+    trainer._record({"lm": torch.tensor(2.0), "balance": torch.tensor(1.0)}, 3)
+    trainer._record({"lm": torch.tensor(4.0), "balance": torch.tensor(3.0)}, 1)
+    trainer.log({"loss": 9.0})
+    entry = trainer.state.log_history[-1]
+    assert entry["loss_lm"] == pytest.approx((2 * 3 + 4 * 1) / 4)  # weighted by labelled tokens
+    assert entry["loss_balance"] == pytest.approx((1 + 3) / 2)
+    assert entry["bad_steps"] == 0 and entry["expert_load/x"] == 1.5
+    trainer.log({"loss": 1.0})  # the sums were cleared by the previous log
+    assert "loss_lm" not in trainer.state.log_history[-1]
+    trainer.log({"eval_loss": 1.0})  # entries without "loss" get nothing added
+    last = trainer.state.log_history[-1]
+    assert "bad_steps" not in last and "expert_load/x" not in last and last["eval_loss"] == 1.0
+
+
+def test_resume_weights_load_strictly_and_name_the_problem(tmp_path):
+    from sparsevl.model.build import WEIGHTS_NAME, save_weights
+    from sparsevl.train.checkpointing import RESUME_WEIGHTS_NAME, load_resume_weights, save_resume_weights
+
+    saved = nn.Linear(2, 3)  # no `llm`: a plain (non-LoRA) model reads model.safetensors
+    save_weights(saved.state_dict(), tmp_path / WEIGHTS_NAME)
+    live = nn.Linear(2, 3)
+    load_resume_weights(live, tmp_path)
+    assert torch.equal(live.weight, saved.weight) and torch.equal(live.bias, saved.bias)
+    save_resume_weights(live, tmp_path / "elsewhere")  # only LoRA runs keep a second copy
+    assert not (tmp_path / "elsewhere" / RESUME_WEIGHTS_NAME).exists()
+    with pytest.raises(ValueError) as error:
+        load_resume_weights(nn.Linear(2, 4), tmp_path)
+    assert str(error.value).startswith(f"checkpoint {tmp_path} does not fit the model being trained: ")
+    lora = nn.Module()
+    lora.llm = SimpleNamespace(merge_adapter=None)  # what PEFT's wrapper has
+    with pytest.raises(ValueError) as error:
+        load_resume_weights(lora, tmp_path)
+    assert str(error.value) == (f"checkpoint {tmp_path} has no {RESUME_WEIGHTS_NAME}: it was not saved by a LoRA "
+                                "run, so a LoRA run cannot resume from it")
