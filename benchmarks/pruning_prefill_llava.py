@@ -16,11 +16,10 @@ Target: measured / predicted >= 0.85 at every budget.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.pruning_prefill import interleaved_medians
 from sparsevl.config import ModelArguments
 from sparsevl.model.build import build_model
 from sparsevl.model.decoder import decoder_forward
@@ -28,19 +27,6 @@ from sparsevl.model.pruning import build_pruning_plan, pruning_arguments
 from sparsevl.model.pruning_cost import equivalent_tokens, prefill_flops
 
 VOCAB = 151936
-
-
-def interleaved_medians(functions, *, repeats: int) -> list[float]:
-    """Median seconds of each function, timed in turn within every round so that load changes hit all alike."""
-    for function in functions:
-        function()
-    times = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, bucket in zip(functions, times):
-            start = time.perf_counter()
-            function()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def budget_plan(model, budget: int):
