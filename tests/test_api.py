@@ -284,7 +284,7 @@ def test_full_queue_gets_429(lively_checkpoint, images):
 
 
 def test_pruning_flags_reach_the_served_model(lively_checkpoint, images):
-    flags = ["--token_pruner", "fastv", "--fastv_k", "1", "--fastv_ratio", "0.25"]
+    flags = ["--token_pruner", "fastv", "--fastv_k", "1", "--fastv_ratio", "0.75"]
     with running_api(lively_checkpoint, *flags) as (base, server):
         reply = client(base).chat.completions.create(model=server.model_id, max_tokens=8, temperature=0,
                                                      messages=user_message(QUESTIONS[0], images[0]))

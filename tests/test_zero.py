@@ -53,7 +53,7 @@ def test_moe_layers_train_on_zero2_and_zero3_refuses_them(monkeypatch):
     check_deepspeed(zero2, moe)
     check_deepspeed(zero2, projector_moe)
     check_deepspeed(zero3, dense)
-    with pytest.raises(ValueError, match=r"ZeRO-3 partitions the experts of the MoE layers \['llm.layer1', 'llm.layer3'\]"):
+    with pytest.raises(ValueError, match=r"ZeRO-3 partitions the experts of the MoE layers \['llm.layer0', 'llm.layer2'\]"):
         check_deepspeed(zero3, moe)
     with pytest.raises(ValueError, match=r"\['projector'\]; train MoE models with ZeRO-2"):
         check_deepspeed(zero3, projector_moe)
