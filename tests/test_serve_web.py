@@ -14,6 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from PIL import Image
@@ -145,9 +146,16 @@ def test_twenty_concurrent_requests_within_the_memory_bound(server, assistant, s
     expected = [assistant.ask(Image.open(path).convert("RGB"), "what shape?", max_new_tokens=8).text
                 for path in images]
     start_rss = server_process.memory_info().rss
+    def ask(image):
+        """One request; a connection the server closed between two keep-alive requests (httpx's
+        RemoteProtocolError, seen once in a loaded full-suite run) is retried once: it says nothing of answers."""
+        try:
+            return client.predict(handle_file(str(image)), "what shape?", 8, 0.0, api_name="/answer")
+        except httpx.RemoteProtocolError:
+            return client.predict(handle_file(str(image)), "what shape?", 8, 0.0, api_name="/answer")
+
     with ThreadPoolExecutor(max_workers=20) as pool:
-        futures = [pool.submit(client.predict, handle_file(str(images[i % 4])), "what shape?", 8, 0.0,
-                               api_name="/answer") for i in range(20)]
+        futures = [pool.submit(ask, images[i % 4]) for i in range(20)]
         peak_rss = start_rss
         while not all(future.done() for future in futures):
             peak_rss = max(peak_rss, server_process.memory_info().rss)
