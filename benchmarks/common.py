@@ -1,20 +1,8 @@
-"""Helpers shared by the benchmarks: a measured fp32 matmul peak and a robust timer."""
-
-import statistics
-import time
+"""Helpers shared by the benchmarks: a measured fp32 matmul peak and a robust timer (the library's own)."""
 
 import torch
 
-
-def median_seconds(fn, *, repeats: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from sparsevl.eval.cost import median_seconds
 
 
 def matmul_peak_flops(size: int = 2048) -> float:

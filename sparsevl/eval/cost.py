@@ -31,11 +31,17 @@ def measure_prefill_seconds(model, batch: dict, *, repeats: int = 5) -> float:
         else:
             model.lm_logits(inputs, logits_to_keep=1)
 
-    run()
+    return median_seconds(run, repeats=repeats, warmup=1)
+
+
+def median_seconds(fn, *, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        fn()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
