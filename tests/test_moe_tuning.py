@@ -256,7 +256,7 @@ def test_stage_moe_trains_the_upstream_set_logs_usage_and_analyzes(tmp_path, sha
 
 # --- Export to transformers' Qwen3-MoE ---------------------------------------------------------------------------
 
-def upcycled_checkpoint(directory, tokenizer, layers, **moe_flags):
+def upcycled_checkpoint(directory, tokenizer, layers, perturb: float = 0.05, **moe_flags):
     from sparsevl.data.tokenizer import add_image_token
     from sparsevl.model.build import build_image_processor
 
@@ -265,7 +265,7 @@ def upcycled_checkpoint(directory, tokenizer, layers, **moe_flags):
     image_token_id = add_image_token(tokenizer)
     args = ModelArguments(model_name_or_path="tiny-qwen3", moe_enable=True, moe_layers=layers, **moe_flags)
     model = build_model(args, vocab_size=len(tokenizer), image_token_id=image_token_id)
-    perturb_experts(model.llm)
+    perturb_experts(model.llm, perturb)
     processor = build_image_processor(args.vision_tower, model.vision_tower.config)
     save_checkpoint(model, directory, model_args=args, tokenizer=tokenizer, image_processor=processor)
     return model
@@ -333,3 +333,30 @@ def test_help_lists_the_moe_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's own --help exits 0
         cli_main(["analyze", "routing", "--help"])
     assert exit_info.value.code == 0 and "--limit" in capsys.readouterr().out
+
+
+# --- Inference flags ---------------------------------------------------------------------------------------------
+
+def eval_answers(checkpoint, data, out, *flags):
+    torch.manual_seed(1)  # the Gumbel draws of a sampling router
+    assert cli_main(["eval", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--limit", "16",
+                     "--max_new_tokens", "4", *flags]) == 0
+    return [json.loads(line)["prediction"] for line in (out / "answers.jsonl").read_text().splitlines()]
+
+
+def test_eval_second_expert_policy_flag_routes_as_a_checkpoint_trained_with_it(tmp_path, shapes_dir, shapes_tokenizer):
+    upcycled_checkpoint(tmp_path / "sampling", shapes_tokenizer, None, 1.0, second_expert_policy="sampling")
+    upcycled_checkpoint(tmp_path / "argmax", shapes_tokenizer, None, 1.0, second_expert_policy="argmax")
+    data = shapes_dir / "test_qa.json"
+    as_trained = eval_answers(tmp_path / "argmax", data, tmp_path / "a")
+    sampled = eval_answers(tmp_path / "sampling", data, tmp_path / "s")
+    switched = eval_answers(tmp_path / "sampling", data, tmp_path / "s2", "--second_expert_policy", "argmax")
+    assert sampled != as_trained  # the policies answer differently on this model, so the flag is observable
+    assert switched == as_trained
+
+
+def test_second_expert_policy_on_a_model_without_moe_is_refused(tmp_path, shapes_dir, tiny_checkpoint, capsys):
+    code = cli_main(["eval", "--model", str(tiny_checkpoint), "--data", str(shapes_dir / "test_qa.json"),
+                     "--out", str(tmp_path), "--second_expert_policy", "argmax"])
+    assert code == 2
+    assert "--second_expert_policy applies to MoE models" in capsys.readouterr().err

@@ -122,7 +122,9 @@ def test_chat_session_keeps_history_and_obeys_commands(assistant, shapes_dir):
     assert out.getvalue().count("ASSISTANT: ") == 2
 
 
-def test_chat_cli_answers_piped_questions_and_reset_forgets(tiny_checkpoint, shapes_dir, assistant, image):
+def test_chat_cli_answers_piped_questions_and_reset_forgets(tiny_checkpoint, shapes_dir, assistant, image,
+                                                            single_thread):
+    # one thread here as in the CLI's process: a random model's near-tied logits must be summed in the same order
     image_path = shapes_dir / "images" / "test" / "000000.png"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     stdin = "what shape?\nwhat colour?\n/reset\nwhat shape?\n/quit\nnever asked\n"

@@ -105,11 +105,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from sparsevl.eval.run import load_for_inference
+    from sparsevl.model.inference_flags import apply_inference_flags
     from sparsevl.viz.layer_stats import plot_layer_selection
 
     out = Path(args.out or Path(args.model) / "layer_analysis")
     try:
         model, tokenizer, image_processor = load_for_inference(args.model)
+        apply_inference_flags(args, model)
         analysis = analyze_layers(model, tokenizer, image_processor, args.data, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, limit=args.limit,
                                   forced_layers=not args.no_forced_layers)

@@ -42,7 +42,7 @@ BENCHMARKS = {
     "llava_jsonl": run_llava_jsonl,
 }
 
-from sparsevl.model.pruning import add_pruning_flags
+from sparsevl.model.inference_flags import add_inference_flags
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,22 +58,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--batch_size, --max_new_tokens, --limit: how questions are answered (shared by commands that generate)."""
+    """--batch_size, --max_new_tokens, --limit and the inference flags (pruning, MoE second expert): how questions
+    are answered (shared by commands that generate)."""
     p.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
     p.add_argument("--max_new_tokens", type=int, default=16, help="longest answer in tokens")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each file")
-    add_pruning_flags(p)
+    add_inference_flags(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from sparsevl.eval.run import load_for_inference
-    from sparsevl.model.pruning import build_pruning_plan
+    from sparsevl.model.inference_flags import apply_inference_flags
 
     try:
         model, tokenizer, image_processor = load_for_inference(args.model)
-        model.pruning = build_pruning_plan(args, model)
+        apply_inference_flags(args, model)
         print(BENCHMARKS[args.benchmark](model, tokenizer, image_processor, args))
     except (ValueError, FileNotFoundError) as error:
         print(f"sparsevl eval: error: {error}", file=sys.stderr)

@@ -14,7 +14,8 @@ MoE-LLaVA's layout: `model_type` `moe_llava_llama` (or `moe_llava_mistral`), `mm
 `model.image_tower.image_tower.*`, and each MoE layer as DeepSpeed's: router `mlp.deepspeed_moe.gate.wg.weight`,
 experts `mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{gate,up,down}_proj.weight`. Imported, it routes as
 DeepSpeed's top-2 gate without its capacity limit (MoE-LLaVA's eval_capacity_factor may drop tokens of a crowded
-expert; here none is dropped) and without its random choice of the second expert.
+expert; here none is dropped) and with the deterministic second expert; `--second_expert_policy sampling` (eval, chat,
+api) switches on DeepSpeed's Gumbel-sampled one.
 """
 
 import json

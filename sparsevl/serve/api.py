@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 
-from sparsevl.model.pruning import add_pruning_flags
+from sparsevl.model.inference_flags import add_inference_flags
 from sparsevl.serve.openai_request import ApiError, Limits, parse_chat_request
 from sparsevl.serve.scheduler import Delta, Finished, GenerationRequest, QueueFull, Scheduler
 
@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_image_mb", type=float, default=10.0, help="largest decoded image in MB")
     p.add_argument("--max_image_pixels", type=int, default=4096 * 4096, help="largest image, width x height")
     p.add_argument("--default_max_tokens", type=int, default=64, help="answer length when a request names none")
-    add_pruning_flags(p)
+    add_inference_flags(p)
     return p
 
 

@@ -75,15 +75,15 @@ class VisionAssistant:
         self._lock = threading.Lock()  # `ask` calls take turns, so each one's expert load is its own
 
     @classmethod
-    def load(cls, model_dir: str | Path, pruning_args=None, **scheduler_options) -> "VisionAssistant":
-        """Load a checkpoint; `pruning_args` (parsed `--token_pruner ...` flags) sets a pruning plan;
-        `scheduler_options` go to the Scheduler."""
+    def load(cls, model_dir: str | Path, inference_args=None, **scheduler_options) -> "VisionAssistant":
+        """Load a checkpoint; `inference_args` (parsed `--token_pruner ...`, `--second_expert_policy` flags) set
+        its pruning plan and routing; `scheduler_options` go to the Scheduler."""
         from sparsevl.eval.run import load_for_inference
-        from sparsevl.model.pruning import build_pruning_plan
+        from sparsevl.model.inference_flags import apply_inference_flags
 
         model, tokenizer, image_processor = load_for_inference(model_dir)
-        if pruning_args is not None:
-            model.pruning = build_pruning_plan(pruning_args, model)
+        if inference_args is not None:
+            apply_inference_flags(inference_args, model)
         return cls(model, tokenizer, image_processor, **scheduler_options)
 
     @property

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sparsevl.data.dataset import load_image
-from sparsevl.model.pruning import add_pruning_flags
+from sparsevl.model.inference_flags import add_inference_flags
 
 HELP = "commands: /reset forget the conversation, /image PATH switch image, /help this text, /quit leave"
 
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest answer in tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    add_pruning_flags(p)
+    add_inference_flags(p)
     return p
 
 

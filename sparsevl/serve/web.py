@@ -9,7 +9,7 @@ import argparse
 import ipaddress
 import sys
 
-from sparsevl.model.pruning import add_pruning_flags
+from sparsevl.model.inference_flags import add_inference_flags
 from sparsevl.serve.assistant import ACCEPTED_FORMATS, UploadError, VisionAssistant, describe_expert_load, \
     describe_kept, kept_token_overlay, model_view, open_upload
 
@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_upload_mb", type=float, default=10.0, help="largest accepted upload in MB")
     p.add_argument("--max_new_tokens", type=int, default=64, help="default longest answer in tokens")
     p.add_argument("--queue_size", type=int, default=64, help="requests waiting beyond this are refused")
-    add_pruning_flags(p)
+    add_inference_flags(p)
     return p
 
 
