@@ -31,8 +31,9 @@ MODULES = {
                  "tests/test_trainer_units.py"]),
     "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py",
                                         "tests/test_pruning.py", "tests/test_vlm_units.py"]),
-    "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_tuning.py"]),
-    "pruning": (["sparsevl/model/pruning.py"], ["tests/test_pruning.py", "tests/test_pruning_cli.py"]),
+    "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_reference.py", "tests/test_moe_tuning.py"]),
+    "pruning": (["sparsevl/model/pruning.py"], ["tests/test_pruning.py", "tests/test_pruning_reference.py",
+                                                "tests/test_pruning_cli.py"]),
 }
 SCOPE = {  # vlm.py: merging images into the text and generation (adaptive layers and pruning have their own modules)
     "vlm": [f"sparsevl.model.vlm.{name}__mutmut_*" for name in (

@@ -220,3 +220,25 @@ def test_batch_wait_holds_arrivals_while_rows_run_but_never_an_idle_scheduler(lo
     no_wait = Scheduler(model, tokenizer, max_batch_size=4, batch_wait_ms=0)
     no_wait.submit(GenerationRequest(*prompts[0], SamplingParams(max_tokens=2), lambda event: None))
     assert len(no_wait._take(room=3, block=False)) == 1
+
+
+def test_visual_tokens_kept_counts_recycled_clusters_as_the_last_layer_sees_them(loaded, prompts):
+    """Oracle: the sequence length the LLM's last layer ran on (decoder_forward's tokens_per_layer), less the text."""
+    from sparsevl.model.decoder import decoder_forward
+
+    model, _, _ = loaded
+    ids, pixels = prompts[0]
+    ids_t, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+    model.pruning = build_pruning_plan(plan_args("sparsevlm", pruning_layers="0,1", retained_tokens="32,8",
+                                                 sparsevlm_recycling="on"), model)
+    try:
+        _, _, info = DecodeRows.prefill(model, ids_t, mask, pixels)
+        inputs, _ = model.prepare_inputs(ids_t, mask, pixels, padding_side="left")
+        context = model.pruning_context(ids_t, mask, inputs).padded_to(inputs.inputs_embeds.shape[1])
+        out = decoder_forward(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids,
+                              plan=model.pruning, context=context, padding_side="left")
+    finally:
+        model.pruning = None
+    text_tokens = info.prompt_tokens[0] - info.visual_tokens[0]
+    assert info.visual_tokens_kept == [out.tokens_per_layer[-1] - text_tokens]
+    assert info.visual_tokens_kept[0] > 8  # clusters were appended on top of the 8 kept

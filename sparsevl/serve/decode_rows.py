@@ -24,7 +24,7 @@ class PrefillInfo:
 
     prompt_tokens: list[int]  # merged prompt length: text tokens plus the visual tokens entering the LLM
     visual_tokens: list[int]  # visual tokens entering the LLM
-    visual_tokens_kept: list[int]  # visual tokens the LLM's last layer attends to (after pruning inside it)
+    visual_tokens_kept: list[int]  # visual tokens the LLM's last layer attends to (kept + recycled clusters)
     visual_positions: list[list[int]]  # prompt positions (in the row's unpadded prompt) of its visual tokens
     kept_positions: list[list[int]] | None  # prompt positions the last layer kept; None without pruning in the LLM
 
@@ -52,7 +52,8 @@ class DecodeRows:
             out = decoder_forward(model.llm, embeds, mask, positions, plan=model.pruning, context=context,
                                   use_cache=True, logits_to_keep=1, padding_side="left")
             logits, cache = out.logits[:, -1], out.past
-            kept_visual = inputs.image_mask.gather(1, out.kept_index) & out.kept_mask  # (rows, kept seq)
+            # kept visual tokens, and the recycled clusters SparseVLM appends after them (also visual, also attended)
+            kept_visual = inputs.image_mask.gather(1, out.kept_index) & out.kept_mask | out.merged_mask  # (rows, kept)
             kept_positions = [_unpadded(index[valid], row_mask) for index, valid, row_mask
                               in zip(out.kept_index, out.kept_mask, mask)]
         else:
