@@ -256,3 +256,137 @@ def test_empty_input_keeps_shape():
     moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=4, top_k=2), capacity_factor=1.0,
                    experts=MLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN, out_dim=5))
     assert moe(torch.randn(2, 0, DIM)).hidden_states.shape == (2, 0, 5)
+
+
+# --- Tests added from mutation testing (each kills mutants that survived the tests above) -----------------------
+
+def test_router_z_loss_hand_computed_on_more_tokens_than_experts():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [math.log(7.0), 0.0]])
+    # logsumexp over each token's experts: log 2, log 4, log 8 -> mean of squares (1 + 4 + 9) / 3 (log 2)^2
+    torch.testing.assert_close(router_z_loss(logits), torch.tensor(14 / 3 * math.log(2.0) ** 2))
+
+
+@pytest.mark.parametrize("experts", [
+    MLPExperts(num_experts=3, dim=DIM, hidden_dim=HIDDEN, out_dim=8),
+    GatedMLPExperts(num_experts=3, dim=DIM, hidden_dim=HIDDEN),
+], ids=["mlp", "gated"])
+def test_expert_init_is_nn_linear_default_per_matrix(experts):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight and bias, fan_in = the matrix's input size."""
+    torch.manual_seed(0)
+    for name, param in experts.named_parameters():
+        fan_in = (experts.up_proj if name.startswith("up_proj") else getattr(experts, name.removesuffix("_bias"))
+                  ).shape[-1]
+        bound = 1 / math.sqrt(fan_in)
+        assert param.abs().max() <= bound, name
+        assert param.max() > 0.5 * bound and param.min() < -0.5 * bound, name  # spans the range, both signs
+
+
+def test_experts_without_bias_have_no_bias_parameters_and_run():
+    experts = MLPExperts(num_experts=2, dim=DIM, hidden_dim=HIDDEN, bias=False)
+    assert sorted(name for name, _ in experts.named_parameters()) == ["down_proj", "up_proj"]
+    x = torch.randn(3, DIM)
+    expected = torch.nn.functional.linear(experts.act_fn(x @ experts.up_proj[1].T), experts.down_proj[1])
+    torch.testing.assert_close(experts.expert_forward(1, x), expected)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_experts_from_dense_copy_bias_and_dtype(bias):
+    dense = nn.Sequential(nn.Linear(DIM, HIDDEN, bias=bias), nn.GELU(), nn.Linear(HIDDEN, 8, bias=bias)).double()
+    experts = MLPExperts.from_dense(dense, num_experts=2)
+    assert all(p.dtype == torch.float64 for p in experts.parameters())
+    x = torch.randn(4, DIM, dtype=torch.float64)
+    torch.testing.assert_close(experts.expert_forward(1, x), dense(x))
+
+
+def test_gated_experts_from_dense_keep_the_dense_dtype():
+    mlp = LlamaMLP(LlamaConfig(hidden_size=DIM, intermediate_size=HIDDEN, num_attention_heads=4,
+                                hidden_act="silu")).double()
+    experts = GatedMLPExperts.from_dense(mlp, num_experts=2)
+    assert all(p.dtype == torch.float64 for p in experts.parameters())
+    x = torch.randn(4, DIM, dtype=torch.float64)
+    torch.testing.assert_close(experts.expert_forward(0, x), mlp(x))
+
+
+def test_from_dense_bias_mismatch_message():
+    dense = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, 8, bias=False))
+    with pytest.raises(ValueError, match="^mlp's two Linear layers must both have a bias or both have none$"):
+        MLPExperts.from_dense(dense, num_experts=2)
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: MLPExperts(num_experts=2, dim=0, hidden_dim=HIDDEN), "dim"),
+    (lambda: MLPExperts(num_experts=2, dim=DIM, hidden_dim=0), "hidden_dim"),
+    (lambda: GatedMLPExperts(num_experts=0, dim=DIM, hidden_dim=HIDDEN), "num_experts"),
+    (lambda: GatedMLPExperts(num_experts=2, dim=0, hidden_dim=HIDDEN), "dim"),
+    (lambda: GatedMLPExperts(num_experts=2, dim=DIM, hidden_dim=0), "hidden_dim"),
+    (lambda: TopKRouter(dim=0, num_experts=2, top_k=1), "dim"),
+    (lambda: TopKRouter(dim=DIM, num_experts=2, top_k=1, second_expert_policy="nope"), "second_expert_policy"),
+])
+def test_zero_sizes_and_bad_policies_name_the_argument(build, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        build()
+
+
+def test_moe_layer_bad_settings_name_the_setting():
+    experts = MLPExperts(num_experts=2, dim=DIM, hidden_dim=HIDDEN)
+    router = lambda top_k=1: TopKRouter(dim=DIM, num_experts=2, top_k=top_k)  # noqa: E731
+    cases = [(dict(capacity_factor=-1.0), "^capacity_factor must be > 0"),
+             (dict(eval_capacity_factor=0.0), "^eval_capacity_factor must be > 0"),
+             (dict(min_capacity=-1), "^min_capacity must be >= 0"),
+             (dict(balance_count="all"), "^balance_count must be one of"),
+             (dict(random_token_selection=True), "^random_token_selection is DeepSpeed's top-1 rule")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            MoELayer(router=router(top_k=2 if "random_token_selection" in kwargs else 1), experts=experts, **kwargs)
+
+
+def test_expert_counts_are_integers_and_not_saved_in_the_state_dict():
+    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=2, top_k=1),
+                   experts=MLPExperts(num_experts=2, dim=DIM, hidden_dim=HIDDEN), capacity_factor=0.5)
+    moe(torch.randn(6, DIM))
+    assert moe.expert_token_counts.dtype == torch.long and moe.dropped_token_count.dtype == torch.long
+    assert set(moe.state_dict()) == {f"router.gate.weight", *(f"experts.{n}" for n, _ in moe.experts.named_parameters())}
+
+
+def test_expert_load_of_a_single_assignment_is_one_hot():
+    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=3, top_k=1),
+                   experts=MLPExperts(num_experts=3, dim=DIM, hidden_dim=HIDDEN))
+    out = moe(torch.randn(1, DIM))
+    expected = torch.zeros(3, dtype=torch.float64)
+    expected[out.router.indices[0, 0]] = 1.0
+    torch.testing.assert_close(expert_load(moe), expected)
+
+
+def test_router_weights_come_in_the_input_dtype():
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    out = router(torch.randn(3, DIM, dtype=torch.float64))
+    assert out.weights.dtype == torch.float64 and out.logits.dtype == torch.float32
+
+
+def test_router_noise_is_added_gaussian_times_std():
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2, noise_std=0.5).train()
+    x = torch.randn(5, DIM)
+    torch.manual_seed(3)
+    noisy = router(x).logits
+    torch.manual_seed(3)
+    torch.testing.assert_close(noisy, router.gate(x) + torch.randn(5, 4) * 0.5)
+
+
+def test_router_gate_bias_and_custom_gate_modules_are_used():
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2, bias=True)
+    nn.init.normal_(router.gate.bias)
+    x = torch.randn(5, DIM)
+    torch.testing.assert_close(router(x).logits, router.gate(x))
+    custom = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    custom.gate = nn.Sequential(nn.Linear(DIM, 4), nn.Tanh())
+    torch.testing.assert_close(custom(x).logits, custom.gate(x))
+
+
+def test_gumbel_noise_equals_torch_distributions_gumbel_draws():
+    from sparsevl.model.moe import gumbel_noise
+
+    torch.manual_seed(5)
+    ours = gumbel_noise((64, 8), torch.device("cpu"))
+    torch.manual_seed(5)
+    theirs = torch.distributions.Gumbel(0.0, 1.0).sample((64, 8))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
