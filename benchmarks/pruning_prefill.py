@@ -6,6 +6,9 @@ out (the vision tower and projector cost the same either way and are left out). 
 repeated runs on a shared CPU: read the ratios, not the absolute numbers. Target: measured / predicted >= 0.85.
 
     python -m benchmarks.pruning_prefill [--repeats 7] [--decode_steps 32]
+
+At LLaVA's own shape (a whole SparseVLM model: vision tower, 576 visual tokens, a 28-layer Qwen3-0.6B-shaped LLM,
+SparseVLM's 192 / 128 / 64 budgets, whole-answer latency) see `benchmarks/pruning_prefill_llava.py`.
 """
 
 import argparse
