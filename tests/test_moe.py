@@ -266,16 +266,16 @@ def test_router_z_loss_hand_computed_on_more_tokens_than_experts():
     torch.testing.assert_close(router_z_loss(logits), torch.tensor(14 / 3 * math.log(2.0) ** 2))
 
 
-@pytest.mark.parametrize("experts", [
-    MLPExperts(num_experts=3, dim=DIM, hidden_dim=HIDDEN, out_dim=8),
-    GatedMLPExperts(num_experts=3, dim=DIM, hidden_dim=HIDDEN),
+@pytest.mark.parametrize("experts_cls, kwargs", [
+    (MLPExperts, dict(out_dim=8)),
+    (GatedMLPExperts, {}),
 ], ids=["mlp", "gated"])
-def test_expert_init_is_nn_linear_default_per_matrix(experts):
+def test_expert_init_is_nn_linear_default_per_matrix(experts_cls, kwargs):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight and bias, fan_in = the matrix's input size."""
     torch.manual_seed(0)
+    experts = experts_cls(num_experts=3, dim=DIM, hidden_dim=HIDDEN, **kwargs)
     for name, param in experts.named_parameters():
-        fan_in = (experts.up_proj if name.startswith("up_proj") else getattr(experts, name.removesuffix("_bias"))
-                  ).shape[-1]
+        fan_in = getattr(experts, name.removesuffix("_bias")).shape[-1]
         bound = 1 / math.sqrt(fan_in)
         assert param.abs().max() <= bound, name
         assert param.max() > 0.5 * bound and param.min() < -0.5 * bound, name  # spans the range, both signs
@@ -320,6 +320,7 @@ def test_from_dense_bias_mismatch_message():
     (lambda: GatedMLPExperts(num_experts=2, dim=0, hidden_dim=HIDDEN), "dim"),
     (lambda: GatedMLPExperts(num_experts=2, dim=DIM, hidden_dim=0), "hidden_dim"),
     (lambda: TopKRouter(dim=0, num_experts=2, top_k=1), "dim"),
+    (lambda: TopKRouter(dim=DIM, num_experts=0, top_k=1), "num_experts"),
     (lambda: TopKRouter(dim=DIM, num_experts=2, top_k=1, second_expert_policy="nope"), "second_expert_policy"),
 ])
 def test_zero_sizes_and_bad_policies_name_the_argument(build, name):
