@@ -70,6 +70,8 @@ def prepare_copy(name: str, out: Path, keep: bool) -> Path:
     work = out / name
     if work.exists() and not keep:
         shutil.rmtree(work)
+    # mutmut maps each function to the tests that reach it in a clean run; tests added since must be mapped too
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     for file in files:
