@@ -59,7 +59,7 @@ class DecodeRows:
         else:
             cache = DynamicCache()
             logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                               **cache_kwarg(model.llm, cache)).logits[:, -1]
+                               logits_to_keep=1, **cache_kwarg(model.llm, cache)).logits[:, -1]
             kept_visual = inputs.image_mask
         info = PrefillInfo(prompt_tokens=mask.sum(1).tolist(), visual_tokens=inputs.image_mask.sum(1).tolist(),
                            visual_tokens_kept=kept_visual.sum(1).tolist(),
