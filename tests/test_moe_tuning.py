@@ -360,3 +360,8 @@ def test_second_expert_policy_on_a_model_without_moe_is_refused(tmp_path, shapes
                      "--out", str(tmp_path), "--second_expert_policy", "argmax"])
     assert code == 2
     assert "--second_expert_policy applies to MoE models" in capsys.readouterr().err
+    # analyze layers applies the same inference flags (it used to parse the pruning flags and drop them)
+    code = cli_main(["analyze", "layers", "--model", str(tiny_checkpoint), "--data", str(shapes_dir / "test_qa.json"),
+                     "--out", str(tmp_path / "layers"), "--token_pruner", "fastv", "--fastv_ratio", "1.5"])
+    assert code == 2
+    assert "--fastv_ratio 1.5 must be in [0, 1)" in capsys.readouterr().err
