@@ -346,7 +346,7 @@ def test_expert_counts_are_integers_and_not_saved_in_the_state_dict():
                    experts=MLPExperts(num_experts=2, dim=DIM, hidden_dim=HIDDEN), capacity_factor=0.5)
     moe(torch.randn(6, DIM))
     assert moe.expert_token_counts.dtype == torch.long and moe.dropped_token_count.dtype == torch.long
-    assert set(moe.state_dict()) == {f"router.gate.weight", *(f"experts.{n}" for n, _ in moe.experts.named_parameters())}
+    assert set(moe.state_dict()) == {"router.gate.weight", *(f"experts.{n}" for n, _ in moe.experts.named_parameters())}
 
 
 def test_expert_load_of_a_single_assignment_is_one_hot():

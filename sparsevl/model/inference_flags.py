@@ -23,8 +23,8 @@ def apply_inference_flags(args, model) -> None:
         set_second_expert_policy(model, policy)
 
 
-def set_second_expert_policy(model, policy: str) -> int:
-    """Switch every top-k > 1 router of `model` to `policy`; returns how many; ValueError when there is none."""
+def set_second_expert_policy(model, policy: str) -> None:
+    """Switch every top-k > 1 router of `model` to `policy`; ValueError when there is none."""
     if policy not in SECOND_EXPERT_POLICIES:
         raise ValueError(f"--second_expert_policy {policy!r} is unknown; valid: {', '.join(SECOND_EXPERT_POLICIES)}")
     routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.top_k > 1]
@@ -32,4 +32,3 @@ def set_second_expert_policy(model, policy: str) -> int:
         raise ValueError("--second_expert_policy applies to MoE models with top-k > 1 routers; this model has none")
     for router in routers:
         router.second_expert_policy = policy
-    return len(routers)
