@@ -28,7 +28,7 @@ MODULES = {
     "metrics": (["sparsevl/eval/metrics.py"], ["tests/test_metrics.py", "tests/test_eval_benchmarks.py"]),
     "trainer": (["sparsevl/train/trainer.py", "sparsevl/train/checkpointing.py"],
                 ["tests/test_resume.py", "tests/test_train.py", "tests/test_nan_guard.py",
-                 "tests/test_trainer_units.py"]),
+                 "tests/test_trainer_units.py", "tests/test_trainer_sharded.py"]),
     "vlm": (["sparsevl/model/vlm.py"], ["tests/test_vlm.py", "tests/test_oracles.py", "tests/test_serve.py",
                                         "tests/test_pruning.py", "tests/test_vlm_units.py"]),
     "moe": (["sparsevl/model/moe.py"], ["tests/test_moe.py", "tests/test_moe_reference.py", "tests/test_moe_tuning.py"]),

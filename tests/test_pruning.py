@@ -1,6 +1,7 @@
 """Visual-token pruning: the decoder loop against transformers, pruners against eager-attention references,
 pruned generation with and without cache, Q-Former, the alignment loss, and bad schedules."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -186,6 +187,19 @@ def test_recycling_averages_each_group_into_its_center():
     assert torch.equal(out[0, [0, 3, 4, 5, 6]], hidden[0, [0, 3, 4, 5, 6]])  # 5 is outside the pool (2 x 2 best)
 
 
+def test_recycling_pools_four_times_the_centers_by_default_and_each_row_alone():
+    row = torch.tensor([[1.0, 0], [2.0, 0], [3.0, 0], [4.0, 0], [5.0, 0], [6.0, 0], [7.0, 0]])
+    hidden = torch.stack([row, row])
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]]).expand(2, -1)
+    dropped = torch.tensor([[False] + [True] * 6]).expand(2, -1)
+    out, centers = recycle(hidden, scores, dropped, torch.tensor([0, 1]))
+    assert not centers[0].any() and torch.equal(out[0], row)  # a row without centers is left as it was
+    assert centers[1].tolist() == [False, True] + [False] * 5
+    expected = row.clone()
+    expected[1] = torch.tensor([(2.0 + 3 + 4 + 5) / 4, 0])  # the pool is the 4 x 1 best dropped tokens
+    assert torch.equal(out[1], expected)
+
+
 def test_recycling_keeps_the_budget_and_changes_only_what_recycled_tokens_carry():
     model, _ = make_model("tiny-qwen3")
     ids, mask, _, inputs = merged(model)
@@ -249,6 +263,12 @@ def test_pack_kept_orders_tokens_and_puts_fill_on_the_padding_side():
     assert index[1, 0] == 1
     index, valid = pack_kept(keep, "left")
     assert index[0].tolist() == [0, 2, 3] and index[1, -1] == 1 and valid[1].tolist() == [False, False, True]
+    order = torch.tensor([[4, 3, 2, 1, 0], [4, 3, 2, 1, 0]])  # kept tokens listed by this order instead
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 1, 0]], dtype=torch.bool)
+    index, valid = pack_kept(keep, "right", order)
+    assert index[0].tolist() == [3, 2, 0] and index[1, :2].tolist() == [3, 1] and valid[1].tolist() == [1, 1, 0]
+    index, valid = pack_kept(keep, "left", order)
+    assert index[0].tolist() == [3, 2, 0] and index[1, 1:].tolist() == [3, 1] and valid[1].tolist() == [0, 1, 1]
 
 
 def test_prefill_flops_follow_the_schedule():
@@ -279,51 +299,150 @@ def test_schedules_resolve_counts_and_ratios():
     assert build_pruning_plan(plan_args(token_pruner="none"), model) is None
 
 
-@pytest.mark.parametrize("values, message", [
-    (dict(pruning_layers="0,2", retained_tokens="8,16"), "--retained_tokens .* strictly decreasing"),
-    (dict(pruning_layers="2,0", retained_tokens="16,8"), r"--pruning_layers \[2, 0\] must be strictly increasing"),
+# each message in full, as the user reads it (a regex fragment would miss a garbled start or end)
+BAD_SCHEDULES = [
+    (dict(pruning_layers="0,2", retained_tokens="8,16"),
+     "--retained_tokens [8, 16] must be strictly decreasing (each step keeps fewer tokens)"),
+    (dict(pruning_layers="2,0", retained_tokens="16,8"), "--pruning_layers [2, 0] must be strictly increasing"),
+    (dict(token_pruner="random", pruning_layers="1,1", retained_tokens="16,8"),
+     "--pruning_layers [1, 1] must be strictly increasing"),
     (dict(pruning_layers="1,3", retained_tokens="16,8"),
-     r"--pruning_layers: layer 3 is outside the LLM's 4 layers for --token_pruner sparsevlm \(valid: 0..2\)"),
-    (dict(token_pruner="fastv", pruning_layers="0", retained_tokens="8"), r"layer 0 is outside .* \(valid: 1..3\)"),
-    (dict(pruning_layers="1", retained_tokens="65"), "--retained_tokens: keeping 65 visual tokens .* 64 per image"),
-    (dict(pruning_layers="1", retained_tokens="1.5"), "--retained_tokens: 1.5 is neither"),
+     "--pruning_layers: layer 3 is outside the LLM's 4 layers for --token_pruner sparsevlm (valid: 0..2)"),
+    (dict(token_pruner="fastv", pruning_layers="0", retained_tokens="8"),
+     "--pruning_layers: layer 0 is outside the LLM's 4 layers for --token_pruner fastv (valid: 1..3)"),
+    (dict(token_pruner="random", pruning_layers="4", retained_tokens="8"),
+     "--pruning_layers: layer 4 is outside the LLM's 4 layers for --token_pruner random (valid: 0..3)"),
+    (dict(pruning_layers="1", retained_tokens="65"),
+     "--retained_tokens: keeping 65 visual tokens per image is impossible: there are 64 per image "
+     "(and at least 1 must stay)"),
+    (dict(pruning_layers="1", retained_tokens="0"),
+     "--retained_tokens: keeping 0 visual tokens per image is impossible: there are 64 per image "
+     "(and at least 1 must stay)"),
+    (dict(pruning_layers="1", retained_tokens="1.5"),
+     "--retained_tokens: 1.5 is neither a whole count nor a ratio in (0, 1)"),
     (dict(pruning_layers="1,2", retained_tokens="16"), "--pruning_layers has 2 values but --retained_tokens has 1"),
-    (dict(pruning_layers="1"), "needs --pruning_layers and --retained_tokens"),
-    (dict(token_pruner="fastv", pruning_layers="2"), "--token_pruner fastv needs --pruning_layers and --retained"),
+    (dict(pruning_layers="1"),
+     "--token_pruner sparsevlm needs --pruning_layers and --retained_tokens (or --sparsevlm_budget)"),
+    (dict(token_pruner="sparsevlm_weighted", retained_tokens="4"),
+     "--token_pruner sparsevlm_weighted needs --pruning_layers and --retained_tokens"),
+    (dict(token_pruner="random"), "--token_pruner random needs --pruning_layers and --retained_tokens"),
+    (dict(token_pruner="fastv", pruning_layers="2"), "--token_pruner fastv needs --pruning_layers and --retained_tokens"),
     (dict(pruning_layers="1,x", retained_tokens="4"), "--pruning_layers '1,x': expected comma-separated numbers"),
-    (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown"),
-    (dict(token_pruner="none", retained_tokens="8"), "--retained_tokens applies to .*, not none"),
+    (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown; choose from: none, sparsevlm, "
+                                 "sparsevlm_weighted, fastv, random, cls_attention, visionzip"),
+    (dict(token_pruner="none", retained_tokens="8"), "--retained_tokens applies to --token_pruner sparsevlm or "
+                                                     "sparsevlm_weighted or fastv or random or cls_attention, not none"),
+    (dict(token_pruner="cls_attention", pruning_layers="1", retained_tokens="8"),
+     "--pruning_layers applies to --token_pruner sparsevlm or sparsevlm_weighted or fastv or random, "
+     "not cls_attention"),
     (dict(fastv_k=2), "--fastv_k applies to --token_pruner fastv, not sparsevlm"),
-    (dict(num_recycled_tokens=2, pruning_layers="1", retained_tokens="4"), "--num_recycled_tokens applies to"),
+    (dict(fastv_ratio=0.5), "--fastv_ratio applies to --token_pruner fastv, not sparsevlm"),
+    (dict(num_recycled_tokens=2, pruning_layers="1", retained_tokens="4"),
+     "--num_recycled_tokens applies to --token_pruner sparsevlm_weighted, not sparsevlm"),
     (dict(token_pruner="sparsevlm_weighted", pruning_layers="1", retained_tokens="4", num_recycled_tokens=4),
-     "--num_recycled_tokens 4 must be fewer"),
-    (dict(sparsevlm_budget=100), r"--sparsevlm_budget 100: choose from \[64, 128, 192\]"),
-    (dict(sparsevlm_budget=64, pruning_layers="1", retained_tokens="4"), "give either"),
-    (dict(sparsevlm_recycling="yes", pruning_layers="1", retained_tokens="4"), "--sparsevlm_recycling 'yes'"),
-    (dict(token_pruner="fastv", sparsevlm_recycling="off"), "--sparsevlm_recycling applies to"),
-    (dict(token_pruner="visionzip", dominant=8), "needs --dominant and --contextual"),
-    (dict(token_pruner="visionzip", dominant=60, contextual=4), "dominant \\+ contextual < the tower's 64"),
+     "--num_recycled_tokens 4 must be fewer than the smallest --retained_tokens count (4)"),
+    (dict(sparsevlm_budget=100), "--sparsevlm_budget 100: choose from [64, 128, 192] (the paper's budgets)"),
+    (dict(token_pruner="fastv", sparsevlm_budget=64), "--sparsevlm_budget applies to --token_pruner sparsevlm, "
+                                                      "not fastv"),
+    (dict(sparsevlm_budget=64, pruning_layers="1", retained_tokens="4"),
+     "give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, not both"),
+    (dict(token_pruner="fastv", fastv_k=2, retained_tokens="4"),
+     "give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, not both"),
+    (dict(token_pruner="fastv", fastv_ratio=0.5, pruning_layers="2"),
+     "give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, not both"),
+    (dict(sparsevlm_recycling="yes", pruning_layers="1", retained_tokens="4"),
+     "--sparsevlm_recycling 'yes': choose on or off"),
+    (dict(token_pruner="fastv", sparsevlm_recycling="off"),
+     "--sparsevlm_recycling applies to --token_pruner sparsevlm, not fastv"),
+    (dict(token_pruner="fastv", fastv_ratio=1.0), "--fastv_ratio 1.0 must be in [0, 1) (R: the fraction of visual "
+                                                  "tokens pruned)"),
+    (dict(token_pruner="fastv", fastv_ratio=-0.1), "--fastv_ratio -0.1 must be in [0, 1) (R: the fraction of visual "
+                                                   "tokens pruned)"),
+    (dict(token_pruner="visionzip", dominant=8),
+     "--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, 162+30)"),
+    (dict(token_pruner="visionzip", contextual=8),
+     "--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, 162+30)"),
+    (dict(token_pruner="visionzip", dominant=60, contextual=4),
+     "--dominant 60 --contextual 4: need both >= 1 and dominant + contextual < the tower's 64 patches"),
+    (dict(token_pruner="visionzip", dominant=0, contextual=4),
+     "--dominant 0 --contextual 4: need both >= 1 and dominant + contextual < the tower's 64 patches"),
+    (dict(token_pruner="visionzip", dominant=4, contextual=0),
+     "--dominant 4 --contextual 0: need both >= 1 and dominant + contextual < the tower's 64 patches"),
     (dict(token_pruner="random", dominant=6), "--dominant applies to --token_pruner visionzip, not random"),
-])
-def test_bad_schedules_are_clear_errors(values, message):
+    (dict(token_pruner="random", contextual=6), "--contextual applies to --token_pruner visionzip, not random"),
+    (dict(token_pruner="cls_attention", retained_tokens="8,4"),
+     "--token_pruner cls_attention prunes once, before the LLM: give one --retained_tokens value"),
+]
+
+
+def test_bad_schedules_are_clear_errors():
     model, _ = make_model("tiny-qwen3")
-    with pytest.raises(ValueError, match=message):
-        build_pruning_plan(plan_args(**values), model)
+    for values, message in BAD_SCHEDULES:
+        with pytest.raises(ValueError) as error:
+            build_pruning_plan(plan_args(**values), model)
+        assert str(error.value) == message, values
 
 
-def test_cls_attention_on_siglip_names_the_flag():
+def test_schedule_limits_are_accepted():
+    """The edges of each range are valid (an off-by-one in a check would refuse them)."""
+    model, _ = make_model("tiny-qwen3")
+    assert build_pruning_plan(plan_args(token_pruner="visionzip", dominant=62, contextual=1), model) == PruningPlan(
+        pruner="visionzip", dominant=62, contextual=1)
+    assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_ratio=0.0), model).steps == (PruningStep(2, 64),)
+    assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_ratio=0.99), model).steps == (PruningStep(2, 1),)
+    assert build_pruning_plan(plan_args(pruning_layers="0,2", retained_tokens="64,1"), model).steps == (
+        PruningStep(1, 64), PruningStep(3, 1))
+    assert build_pruning_plan(plan_args(token_pruner="fastv", pruning_layers="1,3", retained_tokens="2,1"),
+                              model).steps == (PruningStep(1, 2), PruningStep(3, 1))
+    assert build_pruning_plan(plan_args(token_pruner="random", pruning_layers="0", retained_tokens="0.25"),
+                              model).steps == (PruningStep(0, 16),)
+    plan = build_pruning_plan(plan_args(token_pruner="sparsevlm_weighted", pruning_layers="1", retained_tokens="4",
+                                        num_recycled_tokens=3), model)
+    assert plan.num_recycled == 3 and not plan.recycle
+    assert not build_pruning_plan(plan_args(pruning_layers="1", retained_tokens="4", sparsevlm_recycling="off"),
+                                  model).recycle
+    assert build_pruning_plan(plan_args(pruning_layers="1", retained_tokens="4", sparsevlm_recycling="on"),
+                              model).recycle
+    assert build_pruning_plan(plan_args(token_pruner="cls_attention", retained_tokens="8"), model) == PruningPlan(
+        pruner="cls_attention", num_kept_patches=8)
+
+
+def test_before_llm_pruners_name_what_the_model_lacks():
     model, _ = make_model("tiny-qwen3", "tiny-siglip")
-    with pytest.raises(ValueError, match="--token_pruner cls_attention needs a CLIP"):
+    with pytest.raises(ValueError) as error:
         build_pruning_plan(plan_args(token_pruner="cls_attention", retained_tokens="8"), model)
+    assert str(error.value) == "--token_pruner cls_attention needs a CLIP vision tower (it has a [CLS] token)"
+    model, _ = make_model("tiny-qwen3", projector="qformer")
+    with pytest.raises(ValueError) as error:
+        build_pruning_plan(plan_args(token_pruner="visionzip", dominant=4, contextual=2), model)
+    assert str(error.value) == "--token_pruner visionzip needs a token-wise projector (not qformer)"
+    model, _ = make_model("tiny-qwen3", mm_vision_select_layer=0)
+    with pytest.raises(ValueError) as error:
+        build_pruning_plan(plan_args(token_pruner="cls_attention", retained_tokens="8"), model)
+    assert str(error.value) == "--token_pruner cls_attention needs --mm_vision_select_layer after at least one layer"
+    for embeddings in (0, -5):  # the 4-layer tower's input embeddings, counted from either end
+        model, _ = make_model("tiny-qwen3", mm_vision_select_layer=embeddings)
+        with pytest.raises(ValueError, match="needs --mm_vision_select_layer after at least one layer"):
+            build_pruning_plan(plan_args(token_pruner="visionzip", dominant=4, contextual=2), model)
+    for after_one in (1, -4):
+        model, _ = make_model("tiny-qwen3", mm_vision_select_layer=after_one)
+        assert build_pruning_plan(plan_args(token_pruner="visionzip", dominant=4, contextual=2), model) == (
+            PruningPlan(pruner="visionzip", dominant=4, contextual=2))
+    model, _ = make_model("tiny-qwen3", mm_vision_select_feature="cls_patch")
+    with pytest.raises(ValueError) as error:
+        build_pruning_plan(plan_args(token_pruner="cls_attention", retained_tokens="8"), model)
+    assert str(error.value) == "--token_pruner cls_attention needs --mm_vision_select_feature patch"
 
 
-@pytest.mark.parametrize("pruner", ["sparsevlm", "fastv"])
+@pytest.mark.parametrize("pruner", ["sparsevlm", "sparsevlm_weighted", "fastv"])
 def test_prompt_without_text_after_the_image_is_a_clear_error(pruner):
     model, _ = make_model("tiny-qwen3")
     model.pruning = PruningPlan(pruner, (PruningStep(1, 8),))
     ids, mask = right_padded([[5, 6, IMAGE_TOKEN_ID], prompt_with_image(6, 1)])
-    with pytest.raises(ValueError, match=rf"--token_pruner {pruner}: sample\(s\) \[0\] have an image but no"):
+    with pytest.raises(ValueError) as error:
         model.generate(ids, mask, random_pixels(2), max_new_tokens=2, eos_token_id=EOS_ID)
+    assert str(error.value) == (f"--token_pruner {pruner}: sample(s) [0] have an image but no instruction text after "
+                                "it to rate visual tokens; use --token_pruner random or cls_attention for such prompts")
     model.pruning = PruningPlan("random", (PruningStep(1, 8),))  # the documented way out
     assert len(model.generate(ids, mask, random_pixels(2), max_new_tokens=2, eos_token_id=EOS_ID)) == 2
 
@@ -336,8 +455,16 @@ def test_sparsevlm_budget_is_the_paper_table_at_its_shape_and_scales_to_others()
         assert sparsevlm_schedule(budget, num_layers=32, num_visual=576) == ([2, 6, 15], counts)
     assert sparsevlm_schedule(192, num_layers=28, num_visual=576) == ([2, 5, 13], [300, 200, 110])
     assert sparsevlm_schedule(64, num_layers=4, num_visual=64) == ([0, 1, 2], [7, 3, 2])
-    with pytest.raises(ValueError, match="too small for three stages"):
+    assert sparsevlm_schedule(192, num_layers=4, num_visual=5) == ([0, 1, 2], [3, 2, 1])
+    with pytest.raises(ValueError) as error:
         sparsevlm_schedule(64, num_layers=3, num_visual=64)
+    assert str(error.value) == ("--sparsevlm_budget 64: a model with 3 LLM layers and 64 visual tokens is too small "
+                                "for three stages (layers [0, 1, 2] must end before the last one, kept tokens "
+                                "[7, 3, 2] must decrease)")
+    with pytest.raises(ValueError, match=r"kept tokens \[2, 1, 1\] must decrease"):  # 110 x 4 / 576 rounds to 1
+        sparsevlm_schedule(192, num_layers=4, num_visual=4)
+    with pytest.raises(ValueError, match=r"kept tokens \[2, 1, 0\] must decrease"):  # 17 x 16 / 576 rounds to 0
+        sparsevlm_schedule(64, num_layers=4, num_visual=16)
 
 
 def test_equivalent_tokens_count_recycled_tokens_like_the_paper():
@@ -349,3 +476,14 @@ def test_equivalent_tokens_count_recycled_tokens_like_the_paper():
     cost = equivalent_tokens(plan, num_layers=32, num_visual=576)
     assert cost["avg_visual_tokens_per_layer"] == (3 * 576 + 4 * 309 + 9 * 204 + 16 * 113) / 32
     assert cost["visual_tokens_into_llm"] == 576
+
+
+def test_random_scores_reach_positions_beyond_the_table():
+    from sparsevl.model.pruning import RANDOM_TABLE_SIZE, random_scores
+
+    plan = PruningPlan("random", (PruningStep(1, 8),))
+    positions = torch.tensor([[0, 5, RANDOM_TABLE_SIZE + 900], [1, 2, 3]])
+    scores = random_scores(None, None, None, positions, plan)
+    assert scores.shape == (2, 3) and ((scores >= 0) & (scores < 1)).all()
+    assert torch.equal(random_scores(None, None, None, positions, plan), scores)  # seeded: reruns rank alike
+    assert not torch.equal(random_scores(None, None, None, positions, replace(plan, seed=plan.seed + 1)), scores)

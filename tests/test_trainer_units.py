@@ -120,3 +120,38 @@ def test_resume_weights_load_strictly_and_name_the_problem(tmp_path):
         load_resume_weights(lora, tmp_path)
     assert str(error.value) == (f"checkpoint {tmp_path} has no {RESUME_WEIGHTS_NAME}: it was not saved by a LoRA "
                                 "run, so a LoRA run cannot resume from it")
+
+
+def test_resume_weights_refuse_extra_and_missing_names(tmp_path):
+    from sparsevl.model.build import WEIGHTS_NAME, save_weights
+    from sparsevl.train.checkpointing import load_resume_weights
+
+    saved = nn.Linear(2, 3)
+    save_weights({**saved.state_dict(), "extra": torch.zeros(1)}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match='Unexpected key\\(s\\) in state_dict: "extra"'):
+        load_resume_weights(nn.Linear(2, 3), tmp_path)
+    save_weights({"weight": saved.weight.detach()}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match='Missing key\\(s\\) in state_dict: "bias"'):
+        load_resume_weights(nn.Linear(2, 3), tmp_path)
+
+
+def test_missing_files_of_multi_process_and_sharded_checkpoints(tmp_path):
+    import json
+
+    from sparsevl.model.build import CONFIG_NAME, WEIGHTS_NAME
+    from sparsevl.train.checkpointing import SHARD_INDEX_NAME, missing_files
+
+    def touch(*names):
+        for name in names:
+            (tmp_path / name).write_text("")
+
+    touch(CONFIG_NAME, WEIGHTS_NAME, "trainer_state.json", "optimizer.pt", "scheduler.pt")
+    assert missing_files(tmp_path) == ["rng_state.pth"]
+    touch("rng_state_0.pth")  # several processes (data parallel): numbered RNG states instead
+    assert missing_files(tmp_path) == []
+    (tmp_path / SHARD_INDEX_NAME).write_text(json.dumps({"world_size": 2}))
+    assert missing_files(tmp_path) == ["fsdp-shard-00000-of-00002.safetensors", "fsdp-shard-00001-of-00002.safetensors",
+                                       "rng_state_1.pth"]
+    touch("fsdp-shard-00000-of-00002.safetensors", "fsdp-shard-00001-of-00002.safetensors", "rng_state_1.pth")
+    (tmp_path / "optimizer.pt").unlink()  # a sharded run keeps its optimizer state in the shards
+    assert missing_files(tmp_path) == []

@@ -134,20 +134,20 @@ def sparsevlm_schedule(budget: int, *, num_layers: int, num_visual: int) -> tupl
 
     The paper prunes the outputs of layers 2, 6, 15 of 32 (3, 7 and 16 layers run before each stage); here stage i
     prunes the output of layer round((l_i + 1) * num_layers / 32) - 1 (kept increasing), and keeps
-    round(count * num_visual / 576) tokens (at least 1, each fewer than the stage before, as the official
-    min(count, tokens - 1)). At 32 layers and 576 tokens this is the paper's table exactly.
+    round(count * num_visual / 576) tokens (these must stay >= 1 and decrease from stage to stage, else the
+    model is too small for the budget). At 32 layers and 576 tokens this is the paper's table exactly.
     """
     if budget not in SPARSEVLM_STAGES:
         raise ValueError(f"--sparsevlm_budget {budget}: choose from {sorted(SPARSEVLM_STAGES)} (the paper's budgets)")
-    layers, counts, previous_layer, previous_count = [], [], -1, num_visual
-    for location, count in zip(SPARSEVLM_LOCATIONS, SPARSEVLM_STAGES[budget]):
+    layers, previous_layer = [], -1
+    for location in SPARSEVLM_LOCATIONS:
         previous_layer = max(previous_layer + 1, round((location + 1) * num_layers / SPARSEVLM_PAPER_LAYERS) - 1)
-        previous_count = max(1, min(round(count * num_visual / SPARSEVLM_PAPER_TOKENS), previous_count - 1))
         layers.append(previous_layer)
-        counts.append(previous_count)
-    if layers[-1] > num_layers - 2 or counts[-1] < 1 or num_visual < 4:
+    counts = [round(count * num_visual / SPARSEVLM_PAPER_TOKENS) for count in SPARSEVLM_STAGES[budget]]
+    if layers[-1] > num_layers - 2 or not counts[0] > counts[1] > counts[2] >= 1:
         raise ValueError(f"--sparsevlm_budget {budget}: a model with {num_layers} LLM layers and {num_visual} visual "
-                         "tokens is too small for three stages (needs >= 4 layers and >= 4 visual tokens)")
+                         f"tokens is too small for three stages (layers {layers} must end before the last one, "
+                         f"kept tokens {counts} must decrease)")
     return layers, counts
 
 
@@ -369,13 +369,14 @@ def rater_scores(attention, context: PruningContext, valid: torch.Tensor, positi
 def weighted_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
     """sparsevlm_weighted: attention to each visual token from every instruction token, each rater weighted by
     its own total attention to vision, so the tokens that look at the image decide (a soft rater selection:
-    the hard above-the-mean cut lost the shape word of colour questions on the shapes benchmark)."""
+    the hard above-the-mean cut lost the shape word of colour questions on the shapes benchmark). The scores rank
+    a row's tokens only, so they are left unnormalised."""
     visual, candidates = context.image_mask & valid, context.rater_mask & valid
     _rows_or_error(candidates, visual, "sparsevlm_weighted")
     rows, rows_valid = pack_kept(candidates, "right")
     probs = attention(rows).mean(1) * visual[:, None, :]  # (batch, R, seq): head-averaged, visual keys only
     weights = probs.sum(-1) * rows_valid  # (batch, R) each rater's total attention to vision
-    return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
+    return (probs * weights[..., None]).sum(1)
 
 
 def last_token_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""The trainer's sharded (FSDP2) checkpoint paths, in one process: a one-rank gloo group shards a small model, and
+a resumed copy must get back the weights, the optimizer state and the scheduler, with the resume announced."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers.trainer import SCHEDULER_NAME
+
+from sparsevl.model.build import WEIGHTS_NAME, save_weights
+from sparsevl.train.checkpointing import SHARD_INDEX_NAME, shard_file_name
+from sparsevl.train.trainer import SparseVLTrainer
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def mlp(seed: int, sharded: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    if sharded:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    return model
+
+
+def trained(model: nn.Module):
+    """An AdamW optimizer and a step scheduler that have taken one step on `model`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    model(torch.randn(3, 4)).square().sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return optimizer, scheduler
+
+
+def bare_trainer(model, optimizer=None, scheduler=None, *, sharded=True, should_save=True) -> SparseVLTrainer:
+    """A trainer holding only what its checkpoint methods read (no Trainer set-up, no accelerator)."""
+    trainer = SparseVLTrainer.__new__(SparseVLTrainer)
+    trainer.model, trainer.sharded, trainer.optimizer, trainer.lr_scheduler = model, sharded, optimizer, scheduler
+    trainer.args = SimpleNamespace(should_save=should_save)
+    return trainer
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(full(x), full(y)), name
+
+
+def test_sharded_resume_restores_weights_optimizer_and_scheduler(one_rank, tmp_path, capsys):
+    source = mlp(0)
+    optimizer, scheduler = trained(source)
+    bare_trainer(source, optimizer, scheduler)._save_optimizer_and_scheduler(str(tmp_path))
+    assert (tmp_path / SCHEDULER_NAME).is_file() and (tmp_path / shard_file_name(0, 1)).is_file()
+    assert (tmp_path / SHARD_INDEX_NAME).is_file()
+
+    target = mlp(1)
+    target_optimizer, target_scheduler = trained(target)
+    target_scheduler.step()  # a different schedule position, to be overwritten
+    resumed = bare_trainer(target, target_optimizer, target_scheduler)
+    resumed._load_from_checkpoint(str(tmp_path))
+    assert capsys.readouterr().out == f"resuming from {tmp_path}\n"
+    assert_same_weights(target, source)
+    resumed._load_optimizer_and_scheduler(str(tmp_path))
+    assert target_scheduler.state_dict() == scheduler.state_dict()
+    for param, twin in zip(source.parameters(), target.parameters(), strict=True):
+        saved, loaded = optimizer.state[param], target_optimizer.state[twin]
+        assert set(saved) == set(loaded) and all(torch.equal(full(saved[k]), full(loaded[k])) for k in saved)
+    resumed._load_optimizer_and_scheduler(None)  # nothing to resume from: Trainer's own path, which does nothing
+    assert target_scheduler.state_dict() == scheduler.state_dict()
+
+    other = mlp(2)  # the model Trainer passes in (e.g. the wrapped one) is the one loaded, not the trainer's own
+    bare_trainer(mlp(3))._load_from_checkpoint(str(tmp_path), model=other)
+    assert_same_weights(other, source)
+
+
+def test_only_the_writer_process_saves_the_scheduler(one_rank, tmp_path):
+    source = mlp(0)
+    optimizer, scheduler = trained(source)
+    bare_trainer(source, optimizer, scheduler, should_save=False)._save_optimizer_and_scheduler(str(tmp_path))
+    assert (tmp_path / shard_file_name(0, 1)).is_file() and not (tmp_path / SCHEDULER_NAME).exists()
+
+
+def test_an_unsharded_resume_loads_the_model_it_is_given(tmp_path, capsys):
+    source = mlp(0, sharded=False)
+    save_weights(source.state_dict(), tmp_path / WEIGHTS_NAME)
+    other = mlp(1, sharded=False)
+    bare_trainer(mlp(2, sharded=False), sharded=False)._load_from_checkpoint(str(tmp_path), model=other)
+    assert capsys.readouterr().out == f"resuming from {tmp_path}\n"
+    assert_same_weights(other, source)
