@@ -200,6 +200,18 @@ def test_recycling_pools_four_times_the_centers_by_default_and_each_row_alone():
     assert torch.equal(out[1], expected)
 
 
+def test_recycling_joins_members_to_the_most_cosine_similar_center():
+    # the member [30, 10] points like [1, 0] (cosine 0.95) though its dot product with [0, 10] is larger
+    hidden = torch.tensor([[[1.0, 0], [0, 10.0], [30.0, 10.0]]])
+    out, centers = recycle(hidden, torch.tensor([[0.9, 0.8, 0.1]]), torch.ones(1, 3, dtype=torch.bool),
+                           torch.tensor([2]), pool_factor=2)
+    assert centers[0].tolist() == [True, True, False]
+    assert torch.equal(out[0], torch.tensor([[15.5, 5.0], [0, 10.0], [30.0, 10.0]]))
+    out, _ = recycle(hidden[:, :2], torch.tensor([[0.9, 0.8]]), torch.ones(1, 2, dtype=torch.bool),
+                     torch.tensor([2]))
+    assert torch.equal(out, hidden[:, :2])  # every pooled token is a center: nothing joins them
+
+
 def test_recycling_keeps_the_budget_and_changes_only_what_recycled_tokens_carry():
     model, _ = make_model("tiny-qwen3")
     ids, mask, _, inputs = merged(model)

@@ -457,7 +457,7 @@ def recycle(hidden: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor,
         if len(center_idx) == 0:
             continue
         unit = torch.nn.functional.normalize(hidden[row], dim=-1)
-        nearest = (unit[member_idx] @ unit[center_idx].T).argmax(-1) if len(member_idx) else member_idx
+        nearest = (unit[member_idx] @ unit[center_idx].T).argmax(-1)  # (members,), empty when none
         sums = hidden[row, center_idx].index_add(0, nearest, hidden[row, member_idx])
         sizes = torch.ones(len(center_idx), device=hidden.device).index_add(
             0, nearest, torch.ones(len(member_idx), device=hidden.device))
