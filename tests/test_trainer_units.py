@@ -155,3 +155,60 @@ def test_missing_files_of_multi_process_and_sharded_checkpoints(tmp_path):
     touch("fsdp-shard-00000-of-00002.safetensors", "fsdp-shard-00001-of-00002.safetensors", "rng_state_1.pth")
     (tmp_path / "optimizer.pt").unlink()  # a sharded run keeps its optimizer state in the shards
     assert missing_files(tmp_path) == []
+
+
+def test_modality_grouping_sampler_gets_the_global_batch_layout(tmp_path):
+    from sparsevl.config import SparseVLTrainingArguments
+    from sparsevl.data.sampler import ModalityLengthGroupedSampler
+
+    dataset = SimpleNamespace(modality_lengths=[5, -3, 7, -2], __len__=lambda: 4)
+    args = SparseVLTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, seed=7,
+                                     group_by_modality_length=True, per_device_train_batch_size=2,
+                                     gradient_accumulation_steps=3)
+    trainer = SparseVLTrainer(model=FixedLosses({}, None), args=args, loss_weights={"lm": 1.0}, model_args=None)
+    sampler = trainer._get_train_sampler(dataset)
+    assert isinstance(sampler, ModalityLengthGroupedSampler)
+    assert (sampler.lengths, sampler.batch_size, sampler.world_size, sampler.seed) == ([5, -3, 7, -2], 2, 3, 7)
+    trainer.train_dataset = dataset  # Trainer's own call passes no dataset
+    assert trainer._get_train_sampler().lengths == [5, -3, 7, -2]
+    args.group_by_modality_length = False
+    assert not isinstance(trainer._get_train_sampler(dataset), ModalityLengthGroupedSampler)
+
+
+def test_skipped_samples_are_named_by_index_and_record_id(tmp_path):
+    trainer = make_trainer(tmp_path, FixedLosses({}, None))
+    trainer.train_dataset = SimpleNamespace(record_id=lambda index: {3: "cat-7"}.get(index, ""))
+    assert trainer._sample_name(3) == "3 (id 'cat-7')" and trainer._sample_name(4) == "4"
+    trainer.train_dataset = []  # a dataset without record ids
+    assert trainer._sample_name(5) == "5"
+
+
+class HiddenStates(nn.Module):
+    """A stand-in student (or teacher) returning fixed hidden states; it records the flags it was called with."""
+
+    def __init__(self, hidden, kept_index=None, kept_mask=None, labels=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.hidden, self.kept_index, self.kept_mask, self.labels = hidden, kept_index, kept_mask, labels
+        self.calls = []
+
+    def forward(self, **inputs):
+        self.calls.append(sorted(inputs))
+        return SimpleNamespace(losses={"lm": torch.tensor(1.0)}, last_hidden_state=self.hidden,
+                               kept_index=self.kept_index, kept_mask=self.kept_mask,
+                               inputs=SimpleNamespace(labels=self.labels, copies=1))
+
+
+def test_distillation_adds_the_alignment_loss_to_the_teacher_on_kept_tokens(tmp_path):
+    teacher_hidden = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [4.0, 4.0]]])
+    student = HiddenStates(torch.tensor([[[1.0, 1.0], [3.0, 3.0]]]), kept_index=torch.tensor([[0, 2]]),
+                           kept_mask=torch.tensor([[True, True]]), labels=torch.tensor([[-100, 4]]))
+    teacher = HiddenStates(teacher_hidden)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = SparseVLTrainer(model=student, args=args, loss_weights={"lm": 1.0, "align": 2.0}, model_args=None,
+                              teacher=teacher)
+    student.eval()
+    total = trainer.compute_loss(student, {"input_ids": torch.ones(1, 2), "sample_index": torch.tensor([0])})
+    # kept token 0 vs teacher token 0: (0 + 1) / 2; kept token 1 vs teacher token 2: (1 + 1) / 2 -> mean 0.75
+    assert float(total) == pytest.approx(1.0 + 2.0 * 0.75)
+    assert student.calls == [["input_ids", "return_hidden_states"]] == teacher.calls  # no sample_index passed on
