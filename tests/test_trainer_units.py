@@ -161,7 +161,10 @@ def test_modality_grouping_sampler_gets_the_global_batch_layout(tmp_path):
     from sparsevl.config import SparseVLTrainingArguments
     from sparsevl.data.sampler import ModalityLengthGroupedSampler
 
-    dataset = SimpleNamespace(modality_lengths=[5, -3, 7, -2], __len__=lambda: 4)
+    class Records(list):
+        modality_lengths = [5, -3, 7, -2]
+
+    dataset = Records(range(4))
     args = SparseVLTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, seed=7,
                                      group_by_modality_length=True, per_device_train_batch_size=2,
                                      gradient_accumulation_steps=3)
@@ -172,7 +175,9 @@ def test_modality_grouping_sampler_gets_the_global_batch_layout(tmp_path):
     trainer.train_dataset = dataset  # Trainer's own call passes no dataset
     assert trainer._get_train_sampler().lengths == [5, -3, 7, -2]
     args.group_by_modality_length = False
-    assert not isinstance(trainer._get_train_sampler(dataset), ModalityLengthGroupedSampler)
+    trainer.train_dataset = Records(range(9))
+    assert type(trainer._get_train_sampler(dataset)) is torch.utils.data.RandomSampler  # Trainer's own, on the
+    assert trainer._get_train_sampler(dataset).data_source is dataset  # dataset it was given
 
 
 def test_skipped_samples_are_named_by_index_and_record_id(tmp_path):
@@ -212,3 +217,17 @@ def test_distillation_adds_the_alignment_loss_to_the_teacher_on_kept_tokens(tmp_
     # kept token 0 vs teacher token 0: (0 + 1) / 2; kept token 1 vs teacher token 2: (1 + 1) / 2 -> mean 0.75
     assert float(total) == pytest.approx(1.0 + 2.0 * 0.75)
     assert student.calls == [["input_ids", "return_hidden_states"]] == teacher.calls  # no sample_index passed on
+
+
+def test_latest_checkpoint_names_what_an_incomplete_one_lacks(tmp_path, caplog):
+    from sparsevl.model.build import CONFIG_NAME, WEIGHTS_NAME
+    from sparsevl.train.checkpointing import TRAINER_FILES, latest_checkpoint
+
+    for step, names in ((3, [CONFIG_NAME, WEIGHTS_NAME, *TRAINER_FILES]), (5, [CONFIG_NAME, WEIGHTS_NAME])):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in names:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("")
+    with caplog.at_level("WARNING", logger="sparsevl.train.checkpointing"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert caplog.messages == [f"ignoring incomplete checkpoint {tmp_path / 'checkpoint-5'} (missing "
+                               f"{list(TRAINER_FILES)})"]
