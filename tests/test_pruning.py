@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import EOS_ID, IMAGE_TOKEN_ID, make_model, prompt_with_image, random_pixels, right_padded
+from tiny import EOS_ID, IMAGE_TOKEN_ID, liven, make_model, prompt_with_image, random_pixels, right_padded
 from transformers import DynamicCache
 
 from sparsevl.model.cache_kwarg import cache_kwarg
@@ -163,6 +163,18 @@ def test_keeping_every_visual_token_generates_like_the_unpruned_model():
     assert model.generate(ids, mask, pixels, generator=torch.Generator().manual_seed(1), **kwargs) == plain
 
 
+@pytest.mark.parametrize("pruner", ["sparsevlm", "sparsevlm_weighted", "fastv"])
+def test_a_text_only_row_needs_no_raters_and_generates_as_unpruned(pruner):
+    model, _ = make_model("tiny-qwen3")
+    liven(model)
+    ids, mask = right_padded([prompt_with_image(9, 1), [5, 6, 7, 8, 9, 10]])
+    pixels = random_pixels(1)
+    plain = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=EOS_ID)
+    model.pruning = PruningPlan(pruner, (PruningStep(1, 8),))
+    pruned = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=EOS_ID)
+    assert pruned[1] == plain[1]
+
+
 def test_training_forward_prunes_and_never_rates_with_answer_tokens():
     model, _ = make_model("tiny-qwen3")
     ids, mask = right_padded(ROWS)
@@ -316,6 +328,8 @@ BAD_SCHEDULES = [
     (dict(pruning_layers="0,2", retained_tokens="8,16"),
      "--retained_tokens [8, 16] must be strictly decreasing (each step keeps fewer tokens)"),
     (dict(pruning_layers="2,0", retained_tokens="16,8"), "--pruning_layers [2, 0] must be strictly increasing"),
+    (dict(pruning_layers="0,2", retained_tokens="8,8"),
+     "--retained_tokens [8, 8] must be strictly decreasing (each step keeps fewer tokens)"),
     (dict(token_pruner="random", pruning_layers="1,1", retained_tokens="16,8"),
      "--pruning_layers [1, 1] must be strictly increasing"),
     (dict(pruning_layers="1,3", retained_tokens="16,8"),
@@ -402,7 +416,7 @@ def test_schedule_limits_are_accepted():
         pruner="visionzip", dominant=62, contextual=1)
     assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_ratio=0.0), model).steps == (PruningStep(2, 64),)
     assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_ratio=0.99), model).steps == (PruningStep(2, 1),)
-    assert build_pruning_plan(plan_args(pruning_layers="0,2", retained_tokens="64,1"), model).steps == (
+    assert build_pruning_plan(plan_args(pruning_layers="0, 2", retained_tokens="64, 1"), model).steps == (
         PruningStep(1, 64), PruningStep(3, 1))
     assert build_pruning_plan(plan_args(token_pruner="fastv", pruning_layers="1,3", retained_tokens="2,1"),
                               model).steps == (PruningStep(1, 2), PruningStep(3, 1))

@@ -113,16 +113,16 @@ class KeptTokens:
 # ---------------------------------------------------------------------------------------------- plans
 def parse_schedule(text: str, flag: str) -> list[float]:
     try:
-        return [float(v) for v in str(text).replace(" ", "").split(",") if v]
+        return [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 def resolve_count(value: float, tokens_per_image: int, flag: str) -> int:
     """A count (>= 1) or a ratio (0 < r < 1) of the visual tokens per image -> a count, checked."""
-    count = round(value * tokens_per_image) if 0 < value < 1 else int(value)
     if value != int(value) and not 0 < value < 1:
         raise ValueError(f"{flag}: {value} is neither a whole count nor a ratio in (0, 1)")
+    count = round(value * tokens_per_image) if value < 1 else int(value)
     if not 1 <= count <= tokens_per_image:
         raise ValueError(f"{flag}: keeping {count} visual tokens per image is impossible: "
                          f"there are {tokens_per_image} per image (and at least 1 must stay)")
@@ -260,8 +260,7 @@ def _before_llm_plan(args, model, tokens: int) -> PruningPlan:
 
 
 def _num_llm_layers(model) -> int:
-    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-    return llm.config.num_hidden_layers
+    return model.llm.config.num_hidden_layers  # a PEFT wrapper forwards `config` to its base model
 
 
 # ---------------------------------------------------------------------------------------------- mechanics
