@@ -101,3 +101,41 @@ def test_an_unsharded_resume_loads_the_model_it_is_given(tmp_path, capsys):
     bare_trainer(mlp(2, sharded=False), sharded=False)._load_from_checkpoint(str(tmp_path), model=other)
     assert capsys.readouterr().out == f"resuming from {tmp_path}\n"
     assert_same_weights(other, source)
+
+
+def saving_trainer(model, model_args, tokenizer, out, *, sharded=False, should_save=True) -> SparseVLTrainer:
+    from sparsevl.model.build import build_image_processor
+
+    trainer = bare_trainer(model, sharded=sharded, should_save=should_save)
+    trainer.args.output_dir = str(out)
+    trainer.model_args, trainer.processing_class = model_args, tokenizer
+    trainer.image_processor = build_image_processor(model_args.vision_tower, model.vision_tower.config)
+    return trainer
+
+
+def test_save_writes_the_model_with_its_tokenizer_and_image_processor(shapes_tokenizer, tmp_path):
+    from tiny import make_model
+
+    from sparsevl.model.build import load_checkpoint
+
+    model, model_args = make_model("tiny-qwen3")
+    saving_trainer(model, model_args, shapes_tokenizer, tmp_path / "default")._save()  # Trainer's output_dir
+    saving_trainer(model, model_args, shapes_tokenizer, tmp_path / "default")._save(str(tmp_path / "given"))
+    for directory in (tmp_path / "default", tmp_path / "given"):
+        assert (directory / "tokenizer_config.json").is_file() and (directory / "preprocessor_config.json").is_file()
+        assert_same_weights(load_checkpoint(directory)[0], model)
+    saving_trainer(model, model_args, shapes_tokenizer, tmp_path / "other", should_save=False)._save()
+    assert not (tmp_path / "other").exists()  # only the writer process writes
+
+
+def test_a_sharded_save_gathers_the_whole_model(one_rank, shapes_tokenizer, tmp_path):
+    from tiny import make_model
+
+    from sparsevl.model.build import load_checkpoint
+
+    model, model_args = make_model("tiny-qwen3")
+    whole, _ = make_model("tiny-qwen3")  # the same seed: the same weights, unsharded
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    saving_trainer(model, model_args, shapes_tokenizer, tmp_path, sharded=True)._save()
+    saved, _ = load_checkpoint(tmp_path)
+    assert_same_weights(saved, whole)

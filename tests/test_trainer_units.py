@@ -231,3 +231,28 @@ def test_latest_checkpoint_names_what_an_incomplete_one_lacks(tmp_path, caplog):
         assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
     assert caplog.messages == [f"ignoring incomplete checkpoint {tmp_path / 'checkpoint-5'} (missing "
                                f"{list(TRAINER_FILES)})"]
+
+
+class LearnedLoss(nn.Module):
+    """lm loss 2 * weight (weight starts at 1) over 3 labelled tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, **inputs):
+        labels = torch.tensor([[-100, 4, 5, 6]])
+        return SimpleNamespace(losses={"lm": 2.0 * self.weight}, inputs=SimpleNamespace(labels=labels, copies=1))
+
+
+def test_training_step_passes_the_global_token_count_and_names_the_samples_to_the_guard(tmp_path):
+    guard = NonFiniteGuard(3)
+    seen = []
+    guard.observe = lambda loss, names: seen.append((float(loss), names))
+    model = LearnedLoss()
+    trainer = make_trainer(tmp_path, model, guard=guard)
+    trainer.train_dataset = SimpleNamespace(record_id=lambda index: f"r{index}")
+    trainer.training_step(model, {"sample_index": torch.tensor([4, 7])}, num_items_in_batch=12)
+    trainer.training_step(model, {"input_ids": torch.ones(1, 4)}, num_items_in_batch=12)  # no indices: no names
+    assert seen == [(pytest.approx(2.0 * 3 / 12), ["4 (id 'r4')", "7 (id 'r7')"]), (pytest.approx(0.5), [])]
+    assert float(model.weight.grad) == pytest.approx(2 * (2.0 * 3 / 12))  # two backward passes summed
