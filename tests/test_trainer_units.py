@@ -256,3 +256,39 @@ def test_training_step_passes_the_global_token_count_and_names_the_samples_to_th
     trainer.training_step(model, {"input_ids": torch.ones(1, 4)}, num_items_in_batch=12)  # no indices: no names
     assert seen == [(pytest.approx(2.0 * 3 / 12), ["4 (id 'r4')", "7 (id 'r7')"]), (pytest.approx(0.5), [])]
     assert float(model.weight.grad) == pytest.approx(2 * (2.0 * 3 / 12))  # two backward passes summed
+
+
+def test_whole_parameters_gathers_only_deepspeed_partitioned_parameters():
+    import contextlib
+
+    from sparsevl.train.trainer import whole_parameters
+
+    model = nn.Linear(2, 2)
+    assert isinstance(whole_parameters(model), contextlib.nullcontext)  # nothing partitioned: nothing to gather
+    model.weight.ds_id = 1  # what ZeRO-3 marks its partitioned parameters with
+    gathered = whole_parameters(model)
+    assert type(gathered).__name__ == "GatheredParameters" and len(gathered.params) == 1
+    assert gathered.params[0] is model.weight and gathered.src_rank is None  # read-only: no rank modifies them
+
+
+def test_step_checkpoints_are_staged_published_and_rotated_keeping_the_best(tmp_path):
+    from tiny import make_model
+
+    from sparsevl.train.checkpointing import STAGING_PREFIX, missing_files
+
+    model, model_args = make_model("tiny-qwen3")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_total_limit=1)
+    trainer = SparseVLTrainer(model=model, args=args, loss_weights={"lm": 1.0}, model_args=model_args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    stale = tmp_path / f"{STAGING_PREFIX}checkpoint-1" / "checkpoint-1" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("left by a save that was killed")
+    for step in (1, 2, 3):
+        trainer.state.global_step = step
+        trainer.state.best_global_step = 2 if step >= 2 else None
+        trainer._save_checkpoint(model, trial=None)
+        assert trainer._get_output_dir(None) == str(tmp_path)  # the staging folder is only used during a save
+        assert not (tmp_path / "checkpoint-1" / "stale.txt").exists()  # a killed save's leftovers are not published
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")  # not the staging path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # limit 1, plus the best
+    assert not missing_files(tmp_path / "checkpoint-3") and not missing_files(tmp_path / "checkpoint-2")
