@@ -513,3 +513,26 @@ def test_random_scores_reach_positions_beyond_the_table():
     assert scores.shape == (2, 3) and ((scores >= 0) & (scores < 1)).all()
     assert torch.equal(random_scores(None, None, None, positions, plan), scores)  # seeded: reruns rank alike
     assert not torch.equal(random_scores(None, None, None, positions, replace(plan, seed=plan.seed + 1)), scores)
+
+
+def test_pruning_arguments_name_unknown_flags():
+    with pytest.raises(ValueError) as error:
+        pruning_arguments("fastv", fastv_x=1, budget=2)
+    assert str(error.value) == ("unknown pruning flag(s) ['budget', 'fastv_x']; known: ['contextual', 'dominant', "
+                                "'fastv_k', 'fastv_ratio', 'num_recycled_tokens', 'pruning_layers', 'retained_tokens', "
+                                "'sparsevlm_budget', 'sparsevlm_recycling', 'token_pruner']")
+
+
+def test_attention_scoring_names_a_layer_without_rotary_embeddings():
+    from sparsevl.model.pruning import _rotary_function
+
+    with pytest.raises(ValueError) as error:
+        _rotary_function(torch.nn.Linear(1, 1))
+    assert str(error.value) == "Linear: no apply_rotary_pos_emb in its module; cannot score attention"
+
+
+def test_sparsevlm_rates_an_image_of_a_single_token():
+    model, _ = make_model("tiny-qwen3", projector="qformer", num_query_tokens=1)
+    model.pruning = PruningPlan("sparsevlm", (PruningStep(1, 1),))
+    ids, mask = right_padded([prompt_with_image(7, 1)])
+    assert len(model.generate(ids, mask, random_pixels(1), max_new_tokens=2, eos_token_id=EOS_ID)[0]) == 2

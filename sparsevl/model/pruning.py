@@ -173,8 +173,10 @@ def build_pruning_plan(args, model) -> PruningPlan | None:
         num_kept = [max(1, round(tokens * (1 - ratio)))]
     else:
         layers = [int(v) for v in parse_schedule(args.pruning_layers, "--pruning_layers")]
-        num_kept = [resolve_count(c, tokens, "--retained_tokens")
-                    for c in parse_schedule(args.retained_tokens, "--retained_tokens")]
+        counts = parse_schedule(args.retained_tokens, "--retained_tokens")
+        if len(layers) != len(counts):
+            raise ValueError(f"--pruning_layers has {len(layers)} values but --retained_tokens has {len(counts)}")
+        num_kept = [resolve_count(c, tokens, "--retained_tokens") for c in counts]
     first_layers = [layer + 1 for layer in layers] if pruner == "sparsevlm" else layers
     steps = _checked_steps(pruner, first_layers, num_kept, num_layers=num_layers)
     if args.num_recycled_tokens >= steps[-1].num_kept:
@@ -209,17 +211,11 @@ def _reject_unused(args) -> None:
     if pruner == "visionzip" and not {"dominant", "contextual"} <= given:
         raise ValueError("--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, "
                          "162+30)")
-    if pruner in PRUNER_RULES and schedule <= given:
-        layers = parse_schedule(args.pruning_layers, "--pruning_layers")
-        counts = parse_schedule(args.retained_tokens, "--retained_tokens")
-        if len(layers) != len(counts):
-            raise ValueError(f"--pruning_layers has {len(layers)} values but --retained_tokens has {len(counts)}")
 
 
 def _given_flags(args) -> set[str]:
-    """Pruning flags (other than --token_pruner) set away from their defaults."""
-    defaults = vars(pruning_arguments("none"))
-    return {name for name, value in defaults.items() if name != "token_pruner" and getattr(args, name) != value}
+    """Pruning flags set away from their defaults (--token_pruner among them when it is not `none`)."""
+    return {name for name, value in vars(pruning_arguments("none")).items() if getattr(args, name) != value}
 
 
 def _checked_steps(pruner: str, layers: list[int], counts: list[int], *, num_layers: int) -> list[PruningStep]:
@@ -357,12 +353,12 @@ def choose_raters(embeds: torch.Tensor, context: PruningContext, valid: torch.Te
 
 
 def rater_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
-    """SparseVLM: each visual token's attention probability from the chosen raters, averaged over heads and raters."""
+    """SparseVLM: each visual token's attention probability from the chosen raters, averaged over heads and summed
+    over raters (the paper's mean over raters divided by a per-row count, which ranks a row's tokens alike)."""
     raters = context.rater_mask & valid
     _rows_or_error(raters, context.image_mask & valid, "sparsevlm")
     rows, rows_valid = pack_kept(raters, "right")
-    probs = attention(rows).mean(1) * rows_valid[..., None]  # (batch, R, seq)
-    return probs.sum(1) / rows_valid.sum(1, keepdim=True)
+    return (attention(rows).mean(1) * rows_valid[..., None]).sum(1)  # (batch, R, seq) -> (batch, seq)
 
 
 def weighted_scores(attention, context: PruningContext, valid: torch.Tensor, positions, plan) -> torch.Tensor:
