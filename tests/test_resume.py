@@ -144,9 +144,18 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     assert resolve_resume("latest", tmp_path / "empty") is None  # nothing saved yet: a fresh start
     assert resolve_resume("true", tmp_path) == str(tmp_path / "checkpoint-10")
     assert resolve_resume("False", tmp_path) is None and resolve_resume("", tmp_path) is None
+    assert resolve_resume("None", tmp_path) is None
 
 
-def test_publish_replaces_only_when_complete_and_cleanup_restores_an_interrupted_swap(tmp_path):
+def test_resume_latest_says_when_there_is_nothing_to_resume(tmp_path, capsys):
+    assert resolve_resume("latest", tmp_path / "empty") is None
+    assert capsys.readouterr().out == f"no complete checkpoint in {tmp_path / 'empty'} yet: starting fresh\n"
+    make_checkpoint(tmp_path / "checkpoint-3")
+    assert resolve_resume("latest", tmp_path) == str(tmp_path / "checkpoint-3")
+    assert capsys.readouterr().out == ""
+
+
+def test_publish_replaces_only_when_complete_and_cleanup_restores_an_interrupted_swap(tmp_path, caplog):
     final = make_checkpoint(tmp_path / "best-checkpoint")
     (final / "best.json").write_text('{"step": 4}')
     staged = make_checkpoint(tmp_path / f"{STAGING_PREFIX}best-checkpoint")
@@ -156,9 +165,12 @@ def test_publish_replaces_only_when_complete_and_cleanup_restores_an_interrupted
     # a kill between the two renames of a swap: the old copy is moved aside, the new one not yet in place
     os.replace(final, tmp_path / f"{STAGING_PREFIX}old-best-checkpoint")
     make_checkpoint(tmp_path / f"{STAGING_PREFIX}checkpoint-12")
-    removed = remove_staging_dirs(tmp_path)
-    assert [p.name for p in removed] == [f"{STAGING_PREFIX}checkpoint-12"]
+    with caplog.at_level("WARNING", logger="sparsevl.train.checkpointing"):
+        removed = remove_staging_dirs(tmp_path)
+    assert [p.name for p in removed] == [f"{STAGING_PREFIX}checkpoint-12"] and not removed[0].exists()
+    assert caplog.messages == [f"removing {removed[0]}: a save that did not finish"]
     assert json.loads((final / "best.json").read_text()) == {"step": 8}
+    assert remove_staging_dirs(tmp_path / "not-yet-created") == []
 
 
 def test_a_resumed_run_remembers_the_best_loss_so_far(tmp_path):
@@ -176,9 +188,15 @@ def test_a_resumed_run_remembers_the_best_loss_so_far(tmp_path):
     state.log_history += [{"step": s, "loss": 1.0} for s in range(9, 13)]
     state.global_step = 12
     make_checkpoint(tmp_path / "checkpoint-12")
+    make_checkpoint(tmp_path / f"{STAGING_PREFIX}{BEST_DIR}" / "leftover")  # a copy killed half-way
     callback.on_save(args, state, TrainerControl())
     assert json.loads((tmp_path / BEST_DIR / "best.json").read_text()) == {"step": 12, "mean_loss": 1.0}
-    assert not list(tmp_path.glob(STAGING_PREFIX + "*"))
+    assert not list(tmp_path.glob(STAGING_PREFIX + "*")) and not (tmp_path / BEST_DIR / "leftover").exists()
+    state.log_history += [{"step": s, "loss": 1.0} for s in range(13, 17)]
+    state.global_step = 16
+    make_checkpoint(tmp_path / "checkpoint-16")
+    callback.on_save(args, state, TrainerControl())  # as good, not better: the earlier best stays
+    assert json.loads((tmp_path / BEST_DIR / "best.json").read_text()) == {"step": 12, "mean_loss": 1.0}
 
 
 def test_a_lora_run_resumes_from_its_unmerged_weights(shapes_dir, shapes_tokenizer, tmp_path, capsys):

@@ -139,3 +139,14 @@ def test_a_sharded_save_gathers_the_whole_model(one_rank, shapes_tokenizer, tmp_
     saving_trainer(model, model_args, shapes_tokenizer, tmp_path, sharded=True)._save()
     saved, _ = load_checkpoint(tmp_path)
     assert_same_weights(saved, whole)
+
+
+def test_a_sharded_model_is_placed_by_fsdp_not_by_trainer(one_rank, tmp_path):
+    from transformers import TrainingArguments
+
+    model = mlp(0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = SparseVLTrainer(model=model, args=args, loss_weights={"lm": 1.0}, model_args=None)
+    assert trainer.sharded and trainer.is_distributed_loading_by_transformers
+    plain = SparseVLTrainer(model=mlp(0, sharded=False), args=args, loss_weights={"lm": 1.0}, model_args=None)
+    assert plain.sharded is False and plain.is_distributed_loading_by_transformers is False

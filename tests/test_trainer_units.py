@@ -292,3 +292,43 @@ def test_step_checkpoints_are_staged_published_and_rotated_keeping_the_best(tmp_
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")  # not the staging path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # limit 1, plus the best
     assert not missing_files(tmp_path / "checkpoint-3") and not missing_files(tmp_path / "checkpoint-2")
+
+
+def test_log_sums_the_processes_before_averaging_and_keeps_eval_entries_apart(tmp_path):
+    trainer = make_trainer(tmp_path, FixedLosses({}, None))
+    reductions = []
+
+    def reduce(stats, reduction):  # another process had lm 10 over 2 tokens and balance 1
+        reductions.append(reduction)
+        return stats + torch.tensor([[1.0, 1.0], [10.0, 2.0]], dtype=stats.dtype)
+
+    trainer.accelerator = SimpleNamespace(num_processes=2, reduce=reduce)
+    trainer._record({"lm": torch.tensor(2.0), "balance": torch.tensor(3.0)}, 3)  # here: lm 6 over 3 tokens
+    trainer.log({"eval_loss": 1.0})  # an evaluation entry neither reports nor clears the training sums
+    assert "loss_lm" not in trainer.state.log_history[-1] and reductions == []
+    trainer.log({"loss": 1.0})
+    entry = trainer.state.log_history[-1]
+    assert (entry["loss_lm"], entry["loss_balance"], reductions) == (pytest.approx(16 / 5), 2.0, ["sum"])
+    trainer.accelerator = SimpleNamespace(num_processes=1, reduce=reduce)
+    trainer._record({"lm": torch.tensor(123456.789, dtype=torch.float64), "z": torch.tensor(0.1234567)}, 1)
+    trainer.log({"loss": 1.0})
+    entry = trainer.state.log_history[-1]  # one process: nothing reduced; sums in float64, rounded to 5 places
+    assert (entry["loss_lm"], entry["loss_z"], reductions) == (123456.789, 0.12346, ["sum"])
+
+
+def test_log_passes_the_start_time_for_token_throughput(tmp_path):
+    import time
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                             include_num_input_tokens_seen="all")
+    trainer = SparseVLTrainer(model=FixedLosses({}, None), args=args, loss_weights={"lm": 1.0}, model_args=None)
+    trainer._initial_num_input_tokens_seen = 0
+    trainer.log({"loss": 1.0}, start_time=time.time() - 1)
+    assert "train_tokens_per_second" in trainer.state.log_history[-1]
+
+
+def test_trainer_asks_for_the_labelled_tokens_of_the_whole_global_batch(tmp_path):
+    trainer = make_trainer(tmp_path, FixedLosses({}, None))
+    batches = [{"labels": torch.tensor([[-100, 4, 5]])}, {"labels": torch.tensor([[7, -100, 8]])}]
+    # shifted as the causal loss is: 2 + 1 labelled next tokens across the accumulated micro-batches
+    assert int(trainer._get_num_items_in_batch(batches, torch.device("cpu"))) == 3

@@ -82,11 +82,11 @@ def remove_staging_dirs(output_dir: str | Path) -> list[Path]:
     A folder that `publish` had moved aside but whose replacement never arrived is put back instead.
     """
     output_dir = Path(output_dir)
-    for old in output_dir.glob(f"{STAGING_PREFIX}old-*") if output_dir.is_dir() else []:
+    for old in output_dir.glob(f"{STAGING_PREFIX}old-*"):  # nothing when the folder does not exist
         final = output_dir / old.name.removeprefix(f"{STAGING_PREFIX}old-")
         if not final.exists():
             os.replace(old, final)
-    stale = sorted(output_dir.glob(STAGING_PREFIX + "*")) if output_dir.is_dir() else []
+    stale = sorted(output_dir.glob(STAGING_PREFIX + "*"))
     for path in stale:
         logger.warning("removing %s: a save that did not finish", path)
         shutil.rmtree(path, ignore_errors=True)

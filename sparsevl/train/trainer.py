@@ -58,9 +58,9 @@ class LogValuesCallback(TrainerCallback):
 class SparseVLTrainer(Trainer):
     """transformers.Trainer over SparseVLM: named losses in, weighted total out, each logged as loss_<name>."""
 
-    def __init__(self, *args, loss_weights: dict[str, float], model_args, image_processor=None,
+    def __init__(self, *, loss_weights: dict[str, float], model_args, image_processor=None,
                  guard: NonFiniteGuard | None = None, teacher=None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(**kwargs)
         self.loss_weights = loss_weights
         self.sharded = is_sharded(self.model)
         # A model sharded by sparsevl (FSDP2) owns its placement and gradient reduction: Trainer's path for models
@@ -77,6 +77,9 @@ class SparseVLTrainer(Trainer):
         # Ask Trainer for the labelled-token count of the whole global batch (all micro-batches, all
         # processes), so the lm loss is the same token mean whatever the processes x accumulation split.
         self.model_accepts_loss_kwargs = True
+        # ... counted as our causal loss counts them (labels shifted by one, see `labelled_tokens`); Trainer shifts
+        # only for models it knows, and would otherwise count a sample's first label too.
+        self._loss_shifts_labels = True
         self._loss_sums: dict[str, float] = defaultdict(float)  # Σ value × weight since the last log
         self._loss_counts: dict[str, float] = defaultdict(float)  # Σ weight (labelled tokens for lm, else 1)
         self._staging_dir: Path | None = None
