@@ -94,17 +94,25 @@ def run_module(name: str, work: Path, max_children: int, survivors_only: bool, r
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "SPARSEVL_TEST_CACHE": str(work / "fixture_cache")}  # session fixtures built once, not per mutant
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
-    names = SCOPE.get(name, [])
     if report_only:
         return statuses(name, work, mutmut, env)
-    if survivors_only:
-        names = [m for m, status in statuses(name, work, mutmut, env).items() if status not in KILLED]
+    if not survivors_only:
+        _mutmut_run(work, mutmut, env, max_children, SCOPE.get(name, []))
+        return statuses(name, work, mutmut, env)
+    tried: set[str] = set()
+    while True:  # survivors first; a function changed since the last run gets new, unchecked mutants on the way
+        names = sorted(m for m, status in statuses(name, work, mutmut, env).items()
+                       if status not in KILLED and m not in tried)
         if not names:
             return statuses(name, work, mutmut, env)
-    with open(work / "mutmut_run.log", "w") as log:
+        _mutmut_run(work, mutmut, env, max_children, names)
+        tried.update(names)
+
+
+def _mutmut_run(work: Path, mutmut: str, env: dict, max_children: int, names: list[str]) -> None:
+    with open(work / "mutmut_run.log", "a") as log:
         subprocess.run(["nice", mutmut, "run", "--max-children", str(max_children), *names], cwd=work, env=env,
                        stdout=log, stderr=subprocess.STDOUT)
-    return statuses(name, work, mutmut, env)
 
 
 def statuses(name: str, work: Path, mutmut: str, env: dict) -> dict[str, str]:
