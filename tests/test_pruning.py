@@ -398,6 +398,10 @@ BAD_SCHEDULES = [
     (dict(token_pruner="random", contextual=6), "--contextual applies to --token_pruner visionzip, not random"),
     (dict(token_pruner="cls_attention", retained_tokens="8,4"),
      "--token_pruner cls_attention prunes once, before the LLM: give one --retained_tokens value"),
+    (dict(token_pruner="cls_attention", retained_tokens="a"), "--retained_tokens 'a': expected comma-separated numbers"),
+    (dict(token_pruner="cls_attention", retained_tokens="65"),
+     "--retained_tokens: keeping 65 visual tokens per image is impossible: there are 64 per image "
+     "(and at least 1 must stay)"),
 ]
 
 
@@ -414,6 +418,8 @@ def test_schedule_limits_are_accepted():
     model, _ = make_model("tiny-qwen3")
     assert build_pruning_plan(plan_args(token_pruner="visionzip", dominant=62, contextual=1), model) == PruningPlan(
         pruner="visionzip", dominant=62, contextual=1)
+    assert build_pruning_plan(plan_args(token_pruner="visionzip", dominant=1, contextual=1), model) == PruningPlan(
+        pruner="visionzip", dominant=1, contextual=1)
     assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_ratio=0.0), model).steps == (PruningStep(2, 64),)
     assert build_pruning_plan(plan_args(token_pruner="fastv", fastv_ratio=0.99), model).steps == (PruningStep(2, 1),)
     assert build_pruning_plan(plan_args(pruning_layers="0, 2", retained_tokens="64, 1"), model).steps == (
@@ -536,3 +542,26 @@ def test_sparsevlm_rates_an_image_of_a_single_token():
     model.pruning = PruningPlan("sparsevlm", (PruningStep(1, 1),))
     ids, mask = right_padded([prompt_with_image(7, 1)])
     assert len(model.generate(ids, mask, random_pixels(1), max_new_tokens=2, eos_token_id=EOS_ID)[0]) == 2
+
+
+def test_sparsevlm_raters_are_the_instruction_tokens_most_relevant_to_the_image():
+    from sparsevl.model.pruning import PruningContext, choose_raters
+
+    # columns: a token before the image, the image token, two instruction tokens
+    embeds = torch.tensor([[[0.0, 10], [1, 0], [1, 0], [0, 1]],  # relevance softmax([1, 0]): the first rates
+                           [[0.0, 10], [9, 9], [1, 0], [0, 1]],  # no image in this row: nobody rates
+                           [[0.0, 10], [1, 0], [0, 1], [0, 1]]])  # equal relevance: all of them rate
+    image = torch.tensor([[False, True, False, False], [False, False, False, False], [False, True, False, False]])
+    text = torch.tensor([[False, False, True, True]] * 3)
+    context = PruningContext(image, text, image.sum(1))
+    chosen = choose_raters(embeds, context, torch.ones(3, 4, dtype=torch.bool)).rater_mask
+    assert chosen.tolist() == [[False, False, True, False], [False] * 4, [False, False, True, True]]
+
+
+def test_top_visual_breaks_ties_by_position():
+    from sparsevl.model.pruning import top_visual
+
+    visual = torch.ones(1, 40, dtype=torch.bool)
+    visual[0, 0] = False
+    kept = top_visual(torch.zeros(1, 40), visual, torch.tensor([2]))
+    assert kept[0].nonzero().flatten().tolist() == [1, 2]
