@@ -141,3 +141,77 @@ def test_image_count_errors_say_exactly_what_is_wrong():
     with pytest.raises(ValueError) as error:
         model(two, two_mask, random_pixels(1))
     assert str(error.value) == "text has more <image> placeholders than the 1 images given"
+
+
+def test_default_generation_is_cached_and_sixteen_tokens_long(lively):
+    model, ids, mask, pixels = lively
+    lengths = []
+    hook = model.llm.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(
+        kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        tokens = model.generate(ids, mask, pixels, eos_token_id=-1)  # an eos no row emits
+    finally:
+        hook.remove()
+    prompt = int(mask.sum(1).max()) - 1 + model.num_image_tokens  # the placeholder becomes the image's tokens
+    assert [len(row) for row in tokens] == [16, 16]
+    assert lengths == [prompt] + [1] * 15  # the prompt once, then one new token per step
+
+
+def test_on_kept_sees_the_prompt_positions_the_pruner_kept_once(lively):
+    from sparsevl.model.pruning import PruningPlan, PruningStep
+
+    model, ids, mask, pixels = lively
+    model.pruning = PruningPlan("random", (PruningStep(1, 8),))
+    try:
+        seen, merged = [], []
+        model.generate(ids, mask, pixels, max_new_tokens=3, eos_token_id=-1, on_kept=seen.append,
+                       on_inputs=merged.append)
+    finally:
+        model.pruning = None
+    assert len(seen) == 1  # the prefill decides, once
+    inputs, kept = merged[0], seen[0]
+    for row in range(len(kept)):
+        positions = kept[row][kept[row] >= 0]
+        valid = inputs.attention_mask[row].bool()
+        text = (valid & ~inputs.image_mask[row]).nonzero().flatten()
+        assert set(text.tolist()) <= set(positions.tolist())  # every text token stays
+        assert int(inputs.image_mask[row][positions].sum()) == 8  # and 8 of the image's tokens
+        assert int((kept[row] == -1).sum()) == kept.shape[1] - len(positions)  # -1 marks only the fill
+        assert len(positions) == len(text) + 8
+    assert int((kept == -1).sum()) > 0  # the shorter row has fill
+
+
+def test_batched_generation_with_absolute_positions_equals_each_row_alone():
+    """GPT-2 adds position embeddings: a left-padded row must count its positions from its first real token."""
+    model = gpt2_model()
+    rows = [prompt_with_image(9, 1), prompt_with_image(4, 0)]
+    pixels = random_pixels(2)
+
+    def step_logits(rows, pixels):
+        steps = []
+        hook = model.llm.register_forward_hook(lambda module, args, out: steps.append(out.logits[:, -1]))
+        try:
+            model.generate(*right_padded(rows), pixels, max_new_tokens=3, eos_token_id=-1)
+        finally:
+            hook.remove()
+        return torch.stack(steps, 1)  # (batch, steps, vocab)
+
+    batched = step_logits(rows, pixels)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(batched[i], step_logits([row], pixels[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_next_token_samples_from_the_softmax_of_logits_over_temperature():
+    from sparsevl.model.vlm import _next_token
+
+    logits = torch.tensor([[0.0, float(torch.log(torch.tensor(2.0)))]]).expand(4000, -1)  # probabilities 1 : 2
+    draws = _next_token(logits, 0.5, torch.Generator().manual_seed(0))  # at T = 0.5: 1 : 4, so 0.8 pick token 1
+    assert abs(float(draws.float().mean()) - 0.8) < 0.03
+    assert _next_token(logits[:2], 0.0, None).tolist() == [1, 1]  # greedy
+
+
+def test_inputs_merged_without_labels_carry_none():
+    model, _ = make_model("tiny-llama", "tiny-clip")
+    ids, mask = right_padded([prompt_with_image(5, 1)])
+    inputs, _ = model.prepare_inputs(ids, mask, random_pixels(1))
+    assert inputs.labels is None
