@@ -160,8 +160,10 @@ def test_publish_replaces_only_when_complete_and_cleanup_restores_an_interrupted
     (final / "best.json").write_text('{"step": 4}')
     staged = make_checkpoint(tmp_path / f"{STAGING_PREFIX}best-checkpoint")
     (staged / "best.json").write_text('{"step": 8}')
+    make_checkpoint(tmp_path / f"{STAGING_PREFIX}old-best-checkpoint")  # left by an earlier swap
     publish(staged, final)
     assert json.loads((final / "best.json").read_text()) == {"step": 8} and not staged.exists()
+    assert not (tmp_path / f"{STAGING_PREFIX}old-best-checkpoint").exists()
     # a kill between the two renames of a swap: the old copy is moved aside, the new one not yet in place
     os.replace(final, tmp_path / f"{STAGING_PREFIX}old-best-checkpoint")
     make_checkpoint(tmp_path / f"{STAGING_PREFIX}checkpoint-12")

@@ -1,6 +1,7 @@
 """The trainer's sharded (FSDP2) checkpoint paths, in one process: a one-rank gloo group shards a small model, and
 a resumed copy must get back the weights, the optimizer state and the scheduler, with the resume announced."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -150,3 +151,45 @@ def test_a_sharded_model_is_placed_by_fsdp_not_by_trainer(one_rank, tmp_path):
     assert trainer.sharded and trainer.is_distributed_loading_by_transformers
     plain = SparseVLTrainer(model=mlp(0, sharded=False), args=args, loss_weights={"lm": 1.0}, model_args=None)
     assert plain.sharded is False and plain.is_distributed_loading_by_transformers is False
+
+
+class Payload:
+    """A pickle that would write a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "the payload ran"))
+
+
+def test_a_sharded_resume_refuses_a_pickled_scheduler_payload(one_rank, tmp_path):
+    import pickle
+
+    source = mlp(0)
+    optimizer, scheduler = trained(source)
+    bare_trainer(source, optimizer, scheduler)._save_optimizer_and_scheduler(str(tmp_path))
+    torch.save(Payload(tmp_path / "ran.txt"), tmp_path / SCHEDULER_NAME)
+    target = mlp(1)
+    resumed = bare_trainer(target, *trained(target))
+    with pytest.raises(pickle.UnpicklingError):
+        resumed._load_optimizer_and_scheduler(str(tmp_path))
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_distillation_reshards_a_sharded_teacher_after_its_forward(one_rank, tmp_path):
+    from test_trainer_units import HiddenStates
+    from transformers import TrainingArguments
+
+    student = HiddenStates(torch.tensor([[[1.0, 1.0]]]), kept_index=torch.tensor([[0]]),
+                           kept_mask=torch.tensor([[True]]), labels=torch.tensor([[-100, 4]]))
+    teacher = HiddenStates(torch.tensor([[[1.0, 0.0]]]))
+    fully_shard(teacher, mesh=init_device_mesh("cpu", (1,)))
+    reshards = []
+    teacher.reshard = lambda: reshards.append(True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = SparseVLTrainer(model=student, args=args, loss_weights={"lm": 1.0, "align": 1.0}, model_args=None,
+                              teacher=teacher)
+    student.eval()
+    assert float(trainer.compute_loss(student, {"input_ids": torch.ones(1, 2)})) == pytest.approx(1.0 + 0.5)
+    assert reshards == [True]

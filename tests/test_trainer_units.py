@@ -155,6 +155,9 @@ def test_missing_files_of_multi_process_and_sharded_checkpoints(tmp_path):
     touch("fsdp-shard-00000-of-00002.safetensors", "fsdp-shard-00001-of-00002.safetensors", "rng_state_1.pth")
     (tmp_path / "optimizer.pt").unlink()  # a sharded run keeps its optimizer state in the shards
     assert missing_files(tmp_path) == []
+    for name in ("rng_state_0.pth", "rng_state_1.pth", CONFIG_NAME):
+        (tmp_path / name).unlink()  # a sharded checkpoint without its RNG states and config
+    assert missing_files(tmp_path) == [CONFIG_NAME, "rng_state_0.pth", "rng_state_1.pth"]
 
 
 def test_modality_grouping_sampler_gets_the_global_batch_layout(tmp_path):
@@ -198,7 +201,7 @@ class HiddenStates(nn.Module):
         self.calls = []
 
     def forward(self, **inputs):
-        self.calls.append(sorted(inputs))
+        self.calls.append(inputs)
         return SimpleNamespace(losses={"lm": torch.tensor(1.0)}, last_hidden_state=self.hidden,
                                kept_index=self.kept_index, kept_mask=self.kept_mask,
                                inputs=SimpleNamespace(labels=self.labels, copies=1))
@@ -216,7 +219,9 @@ def test_distillation_adds_the_alignment_loss_to_the_teacher_on_kept_tokens(tmp_
     total = trainer.compute_loss(student, {"input_ids": torch.ones(1, 2), "sample_index": torch.tensor([0])})
     # kept token 0 vs teacher token 0: (0 + 1) / 2; kept token 1 vs teacher token 2: (1 + 1) / 2 -> mean 0.75
     assert float(total) == pytest.approx(1.0 + 2.0 * 0.75)
-    assert student.calls == [["input_ids", "return_hidden_states"]] == teacher.calls  # no sample_index passed on
+    for calls in (student.calls, teacher.calls):  # both return hidden states; no sample_index passed on
+        assert len(calls) == 1 and set(calls[0]) == {"input_ids", "return_hidden_states"}
+        assert calls[0]["return_hidden_states"] is True
 
 
 def test_latest_checkpoint_names_what_an_incomplete_one_lacks(tmp_path, caplog):
@@ -283,6 +288,7 @@ def test_step_checkpoints_are_staged_published_and_rotated_keeping_the_best(tmp_
     stale = tmp_path / f"{STAGING_PREFIX}checkpoint-1" / "checkpoint-1" / "stale.txt"
     stale.parent.mkdir(parents=True)
     stale.write_text("left by a save that was killed")
+    assert trainer._get_output_dir(None) == str(tmp_path)  # before any save, too
     for step in (1, 2, 3):
         trainer.state.global_step = step
         trainer.state.best_global_step = 2 if step >= 2 else None
