@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES), help="modules to mutate")
     p.add_argument("--max_children", type=int, default=1, help="mutants tested in parallel (mutmut --max-children)")
     p.add_argument("--survivors_only", action="store_true",
-                   help="refresh the copy in runs/mutation/<name> and re-test only the mutants its last run left alive")
+                   help="refresh the copy in runs/mutation/<name> and re-test only the mutants its last run left alive "
+                        "(those listed as equivalent excepted)")
     p.add_argument("--report_only", action="store_true", help="run nothing: summarize the last run of each module")
     p.add_argument("--out", default=str(ROOT / "runs" / "mutation"), help="folder of the per-module copies")
     return p.parse_args(argv)
@@ -86,10 +87,10 @@ def prepare_copy(name: str, out: Path, keep: bool) -> Path:
     return work
 
 
-def run_module(name: str, work: Path, max_children: int, survivors_only: bool, report_only: bool = False
-               ) -> dict[str, str]:
-    """mutmut run in `work` (the module's mutants in scope, or those its last run left alive); returns
-    {mutant: status} of the mutants in scope."""
+def run_module(name: str, work: Path, max_children: int, survivors_only: bool, report_only: bool = False,
+               equivalent: frozenset[str] = frozenset()) -> dict[str, str]:
+    """mutmut run in `work` (the module's mutants in scope, or those its last run left alive and docs/testing.md
+    does not list as equivalent); returns {mutant: status} of the mutants in scope."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "SPARSEVL_TEST_CACHE": str(work / "fixture_cache")}  # session fixtures built once, not per mutant
@@ -102,7 +103,7 @@ def run_module(name: str, work: Path, max_children: int, survivors_only: bool, r
     tried: set[str] = set()
     while True:  # survivors first; a function changed since the last run gets new, unchecked mutants on the way
         names = sorted(m for m, status in statuses(name, work, mutmut, env).items()
-                       if status not in KILLED and m not in tried)
+                       if status not in KILLED and m not in tried and m not in equivalent)
         if not names:
             return statuses(name, work, mutmut, env)
         _mutmut_run(work, mutmut, env, max_children, names)
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     for name in args.modules:
         work = Path(args.out) / name if args.report_only else prepare_copy(name, Path(args.out),
                                                                            keep=args.survivors_only)
-        results = run_module(name, work, args.max_children, args.survivors_only, args.report_only)
+        results = run_module(name, work, args.max_children, args.survivors_only, args.report_only,
+                             frozenset(equivalent))
         killed, counted = summarize(name, results, equivalent)
         total_killed, total = total_killed + killed, total + counted
     print(f"mutation score: {total_killed / total if total else 0.0:.2f}")
