@@ -151,6 +151,9 @@ def test_a_sharded_model_is_placed_by_fsdp_not_by_trainer(one_rank, tmp_path):
     assert trainer.sharded and trainer.is_distributed_loading_by_transformers
     plain = SparseVLTrainer(model=mlp(0, sharded=False), args=args, loss_weights={"lm": 1.0}, model_args=None)
     assert plain.sharded is False and plain.is_distributed_loading_by_transformers is False
+    # Accelerate must not wrap an FSDP model a second time: its plugin is dropped for sharded models only
+    assert trainer._build_accelerator_args(fsdp_plugin="a plugin")["fsdp_plugin"] is None
+    assert plain._build_accelerator_args(fsdp_plugin="a plugin")["fsdp_plugin"] == "a plugin"
 
 
 class Payload:
