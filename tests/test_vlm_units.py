@@ -215,3 +215,27 @@ def test_inputs_merged_without_labels_carry_none():
     ids, mask = right_padded([prompt_with_image(5, 1)])
     inputs, _ = model.prepare_inputs(ids, mask, random_pixels(1))
     assert inputs.labels is None
+
+
+def test_adaptive_layer_choice_reads_the_instruction_of_each_image():
+    """The images are encoded with the classifier's instruction vectors, computed from the prompt's embeddings."""
+    model, _ = make_model("tiny-llama", "tiny-clip", use_adaptive_layer_selection=True,
+                          layer_classifier_use_text=True)
+    ids, mask = right_padded([prompt_with_image(7, 1), prompt_with_image(5, 2)])
+    seen, encode = [], model.encode_images
+    model.encode_images = lambda pixels, instruction=None: (seen.append(instruction), encode(
+        pixels, instruction=instruction))[1]
+    with torch.no_grad():
+        model.prepare_inputs(ids, mask, random_pixels(2))
+        expected = model.layer_selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, None,
+                                                              image_token_id=model.image_token_id)
+    assert expected.shape[0] == 2 and len(seen) == 1 and torch.equal(seen[0], expected)
+
+
+def test_an_empty_pixel_batch_is_a_text_only_batch():
+    model, _ = make_model("tiny-llama", "tiny-clip")
+    ids, mask = right_padded([[5, 6, 7, 8]])
+    with torch.no_grad():
+        empty, _ = model.prepare_inputs(ids, mask, torch.empty(0, 3, 64, 64))
+        none, _ = model.prepare_inputs(ids, mask, None)
+    assert torch.equal(empty.inputs_embeds, none.inputs_embeds) and not empty.image_mask.any()
