@@ -354,6 +354,7 @@ BAD_SCHEDULES = [
     (dict(token_pruner="random"), "--token_pruner random needs --pruning_layers and --retained_tokens"),
     (dict(token_pruner="fastv", pruning_layers="2"), "--token_pruner fastv needs --pruning_layers and --retained_tokens"),
     (dict(pruning_layers="1,x", retained_tokens="4"), "--pruning_layers '1,x': expected comma-separated numbers"),
+    (dict(pruning_layers="1", retained_tokens="x"), "--retained_tokens 'x': expected comma-separated numbers"),
     (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown; choose from: none, sparsevlm, "
                                  "sparsevlm_weighted, fastv, random, cls_attention, visionzip"),
     (dict(token_pruner="none", retained_tokens="8"), "--retained_tokens applies to --token_pruner sparsevlm or "
