@@ -239,3 +239,30 @@ def test_an_empty_pixel_batch_is_a_text_only_batch():
         empty, _ = model.prepare_inputs(ids, mask, torch.empty(0, 3, 64, 64))
         none, _ = model.prepare_inputs(ids, mask, None)
     assert torch.equal(empty.inputs_embeds, none.inputs_embeds) and not empty.image_mask.any()
+
+
+def test_merge_splices_each_image_at_its_placeholder_by_hand():
+    from tiny import IMAGE_TOKEN_ID
+
+    from sparsevl.model.vlm import IGNORE_INDEX
+
+    model, _ = make_model("tiny-llama", "tiny-clip")
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, 6, IMAGE_TOKEN_ID, 7], [8, 9, IMAGE_TOKEN_ID, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 6, -100, 7], [-100, 9, -100, -100, -100]])
+    text = torch.arange(2 * 5 * 2, dtype=torch.float32).view(2, 5, 2)  # a distinct value per token
+    images = -1 - torch.arange(3 * 2 * 2, dtype=torch.float64).view(3, 2, 2)  # 3 images of 2 tokens
+    merged = model.merge_inputs(ids, mask, text, images, labels)
+    t, i = text[0], images.float()
+    expected = torch.stack([t[0], i[0, 0], i[0, 1], t[2], i[1, 0], i[1, 1], t[4]])
+    assert merged.inputs_embeds.dtype == torch.float32  # images take the text's dtype
+    assert torch.equal(merged.inputs_embeds[0], expected)
+    assert torch.equal(merged.inputs_embeds[1, :4], torch.stack([text[1, 0], text[1, 1], i[2, 0], i[2, 1]]))
+    assert not merged.inputs_embeds[1, 4:].any()  # right padding
+    assert merged.image_mask.tolist() == [[False, True, True, False, True, True, False],
+                                          [False, False, True, True, False, False, False]]
+    assert merged.attention_mask.tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
+    assert merged.position_ids[1].tolist()[:4] == [0, 1, 2, 3]
+    ignore = IGNORE_INDEX
+    assert merged.labels.tolist() == [[ignore, ignore, ignore, 6, ignore, ignore, 7],
+                                      [ignore, 9, ignore, ignore, ignore, ignore, ignore]]
