@@ -225,11 +225,17 @@ def test_adaptive_layer_choice_reads_the_instruction_of_each_image():
     seen, encode = [], model.encode_images
     model.encode_images = lambda pixels, instruction=None: (seen.append(instruction), encode(
         pixels, instruction=instruction))[1]
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]  # answer tokens: not part of the instruction
     with torch.no_grad():
-        model.prepare_inputs(ids, mask, random_pixels(2))
-        expected = model.layer_selector.instruction_per_image(model.llm.get_input_embeddings()(ids), ids, mask, None,
+        model.prepare_inputs(ids, mask, random_pixels(2), labels)
+        embeds = model.llm.get_input_embeddings()(ids)
+        expected = model.layer_selector.instruction_per_image(embeds, ids, mask, labels,
                                                               image_token_id=model.image_token_id)
+        with_answers = model.layer_selector.instruction_per_image(embeds, ids, mask, None,
+                                                                  image_token_id=model.image_token_id)
     assert expected.shape[0] == 2 and len(seen) == 1 and torch.equal(seen[0], expected)
+    assert not torch.allclose(expected, with_answers)
 
 
 def test_an_empty_pixel_batch_is_a_text_only_batch():
