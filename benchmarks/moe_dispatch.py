@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-from torch import nn
 from transformers import LlamaConfig, Qwen3MoeConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
