@@ -31,7 +31,8 @@ test: system-deps $(STAMP)
 clean:
 	rm -rf $(VENV) runs
 
-# Mutation testing of the core modules (slow: an hour or more on 2 cores; not run by CI). MODULES=metrics vlm ...
+# Mutation testing of the core modules (slow: about two hours on 2 cores; not run by CI). MODULES=metrics vlm ...
+MUTATION_CHILDREN ?= 2
 mutation: $(STAMP)
 	$(PY) -m pip install -q -e '.[mutation]'
-	OMP_NUM_THREADS=1 $(PY) scripts/mutation.py $(if $(MODULES),--modules $(MODULES))
+	OMP_NUM_THREADS=1 $(PY) scripts/mutation.py --max_children $(MUTATION_CHILDREN) $(if $(MODULES),--modules $(MODULES))
