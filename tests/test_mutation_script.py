@@ -1,0 +1,30 @@
+"""scripts/mutation.py's bookkeeping (the mutmut runs themselves are `make mutation`, outside the suite)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mutation_script", ROOT / "scripts" / "mutation.py")
+mutation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mutation)
+
+
+def test_equivalent_mutants_are_the_backquoted_names_at_the_start_of_table_rows(tmp_path):
+    doc = tmp_path / "testing.md"
+    doc.write_text("| mutant | why |\n| --- | --- |\n| `a.x_f__mutmut_3` | reason, naming `a.x_g__mutmut_9` |\n"
+                   "text with `a.x_h__mutmut_1` outside a row\n|`a.x_k__mutmut_12`| as above |\n")
+    assert mutation.equivalent_mutants(doc) == {"a.x_f__mutmut_3", "a.x_k__mutmut_12"}
+    assert mutation.equivalent_mutants(tmp_path / "missing.md") == set()
+
+
+def test_summary_counts_killed_over_non_equivalent_and_flags_stale_entries(capsys):
+    prefix = "sparsevl.eval.metrics."
+    statuses = {prefix + "x_a__mutmut_1": "killed", prefix + "x_a__mutmut_2": "timeout",
+                prefix + "x_a__mutmut_3": "survived", prefix + "x_a__mutmut_4": "survived",
+                prefix + "x_a__mutmut_5": "not checked", prefix + "x_a__mutmut_6": "killed"}
+    equivalent = {prefix + "x_a__mutmut_4", prefix + "x_a__mutmut_6"}  # the second one is killed: stale
+    assert mutation.summarize("metrics", statuses, equivalent) == (2, 3)  # a timeout counts as killed
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "metrics: 2 killed of 3 (2 equivalent) = 0.67; 1 mutants not run yet (interrupted run)"
+    assert out[1:] == [f"  not killed: {prefix}x_a__mutmut_3 (survived)",
+                       f"  listed as equivalent but killed or gone: {prefix}x_a__mutmut_6"]
