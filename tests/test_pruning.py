@@ -323,6 +323,9 @@ def test_schedules_resolve_counts_and_ratios():
     assert build_pruning_plan(plan_args(token_pruner="none"), model) is None
 
 
+GIVE_EITHER = ("give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, "
+               "not both")
+VISIONZIP_NEEDS_BOTH = "--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, 162+30)"
 # each message in full, as the user reads it (a regex fragment would miss a garbled start or end)
 BAD_SCHEDULES = [
     (dict(pruning_layers="0,2", retained_tokens="8,16"),
@@ -352,13 +355,15 @@ BAD_SCHEDULES = [
     (dict(token_pruner="sparsevlm_weighted", retained_tokens="4"),
      "--token_pruner sparsevlm_weighted needs --pruning_layers and --retained_tokens"),
     (dict(token_pruner="random"), "--token_pruner random needs --pruning_layers and --retained_tokens"),
-    (dict(token_pruner="fastv", pruning_layers="2"), "--token_pruner fastv needs --pruning_layers and --retained_tokens"),
+    (dict(token_pruner="fastv", pruning_layers="2"),
+     "--token_pruner fastv needs --pruning_layers and --retained_tokens"),
     (dict(pruning_layers="1,x", retained_tokens="4"), "--pruning_layers '1,x': expected comma-separated numbers"),
     (dict(pruning_layers="1", retained_tokens="x"), "--retained_tokens 'x': expected comma-separated numbers"),
     (dict(token_pruner="magic"), "--token_pruner 'magic' is unknown; choose from: none, sparsevlm, "
                                  "sparsevlm_weighted, fastv, random, cls_attention, visionzip"),
-    (dict(token_pruner="none", retained_tokens="8"), "--retained_tokens applies to --token_pruner sparsevlm or "
-                                                     "sparsevlm_weighted or fastv or random or cls_attention, not none"),
+    (dict(token_pruner="none", retained_tokens="8"),
+     "--retained_tokens applies to --token_pruner sparsevlm or sparsevlm_weighted or fastv or random or cls_attention, "
+     "not none"),
     (dict(token_pruner="cls_attention", pruning_layers="1", retained_tokens="8"),
      "--pruning_layers applies to --token_pruner sparsevlm or sparsevlm_weighted or fastv or random, "
      "not cls_attention"),
@@ -372,11 +377,11 @@ BAD_SCHEDULES = [
     (dict(token_pruner="fastv", sparsevlm_budget=64), "--sparsevlm_budget applies to --token_pruner sparsevlm, "
                                                       "not fastv"),
     (dict(sparsevlm_budget=64, pruning_layers="1", retained_tokens="4"),
-     "give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, not both"),
+     GIVE_EITHER),
     (dict(token_pruner="fastv", fastv_k=2, retained_tokens="4"),
-     "give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, not both"),
+     GIVE_EITHER),
     (dict(token_pruner="fastv", fastv_ratio=0.5, pruning_layers="2"),
-     "give either --fastv_k/--fastv_ratio, or --sparsevlm_budget, or --pruning_layers/--retained_tokens, not both"),
+     GIVE_EITHER),
     (dict(sparsevlm_recycling="yes", pruning_layers="1", retained_tokens="4"),
      "--sparsevlm_recycling 'yes': choose on or off"),
     (dict(token_pruner="fastv", sparsevlm_recycling="off"),
@@ -386,9 +391,9 @@ BAD_SCHEDULES = [
     (dict(token_pruner="fastv", fastv_ratio=-0.1), "--fastv_ratio -0.1 must be in [0, 1) (R: the fraction of visual "
                                                    "tokens pruned)"),
     (dict(token_pruner="visionzip", dominant=8),
-     "--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, 162+30)"),
+     VISIONZIP_NEEDS_BOTH),
     (dict(token_pruner="visionzip", contextual=8),
-     "--token_pruner visionzip needs --dominant and --contextual (the paper: 54+10, 108+20, 162+30)"),
+     VISIONZIP_NEEDS_BOTH),
     (dict(token_pruner="visionzip", dominant=60, contextual=4),
      "--dominant 60 --contextual 4: need both >= 1 and dominant + contextual < the tower's 64 patches"),
     (dict(token_pruner="visionzip", dominant=0, contextual=4),
@@ -399,7 +404,8 @@ BAD_SCHEDULES = [
     (dict(token_pruner="random", contextual=6), "--contextual applies to --token_pruner visionzip, not random"),
     (dict(token_pruner="cls_attention", retained_tokens="8,4"),
      "--token_pruner cls_attention prunes once, before the LLM: give one --retained_tokens value"),
-    (dict(token_pruner="cls_attention", retained_tokens="a"), "--retained_tokens 'a': expected comma-separated numbers"),
+    (dict(token_pruner="cls_attention", retained_tokens="a"),
+     "--retained_tokens 'a': expected comma-separated numbers"),
     (dict(token_pruner="cls_attention", retained_tokens="65"),
      "--retained_tokens: keeping 65 visual tokens per image is impossible: there are 64 per image "
      "(and at least 1 must stay)"),

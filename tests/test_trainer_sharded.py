@@ -4,15 +4,20 @@ a resumed copy must get back the weights, the optimizer state and the scheduler,
 from pathlib import Path
 from types import SimpleNamespace
 
+import pickle
+
 import pytest
 import torch
 import torch.distributed as dist
+from test_trainer_units import HiddenStates
+from tiny import make_model
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from transformers import TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 
-from sparsevl.model.build import WEIGHTS_NAME, save_weights
+from sparsevl.model.build import WEIGHTS_NAME, build_image_processor, load_checkpoint, save_weights
 from sparsevl.train.checkpointing import SHARD_INDEX_NAME, shard_file_name
 from sparsevl.train.trainer import SparseVLTrainer
 
@@ -105,8 +110,6 @@ def test_an_unsharded_resume_loads_the_model_it_is_given(tmp_path, capsys):
 
 
 def saving_trainer(model, model_args, tokenizer, out, *, sharded=False, should_save=True) -> SparseVLTrainer:
-    from sparsevl.model.build import build_image_processor
-
     trainer = bare_trainer(model, sharded=sharded, should_save=should_save)
     trainer.args.output_dir = str(out)
     trainer.model_args, trainer.processing_class = model_args, tokenizer
@@ -115,10 +118,6 @@ def saving_trainer(model, model_args, tokenizer, out, *, sharded=False, should_s
 
 
 def test_save_writes_the_model_with_its_tokenizer_and_image_processor(shapes_tokenizer, tmp_path):
-    from tiny import make_model
-
-    from sparsevl.model.build import load_checkpoint
-
     model, model_args = make_model("tiny-qwen3")
     saving_trainer(model, model_args, shapes_tokenizer, tmp_path / "default")._save()  # Trainer's output_dir
     saving_trainer(model, model_args, shapes_tokenizer, tmp_path / "default")._save(str(tmp_path / "given"))
@@ -130,10 +129,6 @@ def test_save_writes_the_model_with_its_tokenizer_and_image_processor(shapes_tok
 
 
 def test_a_sharded_save_gathers_the_whole_model(one_rank, shapes_tokenizer, tmp_path):
-    from tiny import make_model
-
-    from sparsevl.model.build import load_checkpoint
-
     model, model_args = make_model("tiny-qwen3")
     whole, _ = make_model("tiny-qwen3")  # the same seed: the same weights, unsharded
     fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
@@ -143,8 +138,6 @@ def test_a_sharded_save_gathers_the_whole_model(one_rank, shapes_tokenizer, tmp_
 
 
 def test_a_sharded_model_is_placed_by_fsdp_not_by_trainer(one_rank, tmp_path):
-    from transformers import TrainingArguments
-
     model = mlp(0)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     trainer = SparseVLTrainer(model=model, args=args, loss_weights={"lm": 1.0}, model_args=None)
@@ -167,8 +160,6 @@ class Payload:
 
 
 def test_a_sharded_resume_refuses_a_pickled_scheduler_payload(one_rank, tmp_path):
-    import pickle
-
     source = mlp(0)
     optimizer, scheduler = trained(source)
     bare_trainer(source, optimizer, scheduler)._save_optimizer_and_scheduler(str(tmp_path))
@@ -181,9 +172,6 @@ def test_a_sharded_resume_refuses_a_pickled_scheduler_payload(one_rank, tmp_path
 
 
 def test_distillation_reshards_a_sharded_teacher_after_its_forward(one_rank, tmp_path):
-    from test_trainer_units import HiddenStates
-    from transformers import TrainingArguments
-
     student = HiddenStates(torch.tensor([[[1.0, 1.0]]]), kept_index=torch.tensor([[0]]),
                            kept_mask=torch.tensor([[True]]), labels=torch.tensor([[-100, 4]]))
     teacher = HiddenStates(torch.tensor([[[1.0, 0.0]]]))

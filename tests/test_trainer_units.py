@@ -1,15 +1,24 @@
 """The trainer's loss arithmetic and logging against values worked out by hand."""
 
+import contextlib
+import json
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import make_model
 from torch import nn
 from transformers import TrainingArguments
 
+from sparsevl.config import SparseVLTrainingArguments
+from sparsevl.data.sampler import ModalityLengthGroupedSampler
+from sparsevl.model.build import CONFIG_NAME, WEIGHTS_NAME, save_weights
+from sparsevl.train.checkpointing import (RESUME_WEIGHTS_NAME, SHARD_INDEX_NAME, STAGING_PREFIX, TRAINER_FILES,
+                                          latest_checkpoint, load_resume_weights, missing_files, save_resume_weights)
 from sparsevl.train.guard import NonFiniteGuard
 from sparsevl.train.trainer import (LogValuesCallback, SparseVLTrainer, global_batch_share, labelled_tokens,
-                                    weighted_total)
+                                    weighted_total, whole_parameters)
 
 
 def test_weighted_total_and_unknown_losses():
@@ -101,9 +110,6 @@ def test_log_adds_token_weighted_means_bad_steps_and_callback_values(tmp_path):
 
 
 def test_resume_weights_load_strictly_and_name_the_problem(tmp_path):
-    from sparsevl.model.build import WEIGHTS_NAME, save_weights
-    from sparsevl.train.checkpointing import RESUME_WEIGHTS_NAME, load_resume_weights, save_resume_weights
-
     saved = nn.Linear(2, 3)  # no `llm`: a plain (non-LoRA) model reads model.safetensors
     save_weights(saved.state_dict(), tmp_path / WEIGHTS_NAME)
     live = nn.Linear(2, 3)
@@ -123,9 +129,6 @@ def test_resume_weights_load_strictly_and_name_the_problem(tmp_path):
 
 
 def test_resume_weights_refuse_extra_and_missing_names(tmp_path):
-    from sparsevl.model.build import WEIGHTS_NAME, save_weights
-    from sparsevl.train.checkpointing import load_resume_weights
-
     saved = nn.Linear(2, 3)
     save_weights({**saved.state_dict(), "extra": torch.zeros(1)}, tmp_path / WEIGHTS_NAME)
     with pytest.raises(ValueError, match='Unexpected key\\(s\\) in state_dict: "extra"'):
@@ -136,11 +139,6 @@ def test_resume_weights_refuse_extra_and_missing_names(tmp_path):
 
 
 def test_missing_files_of_multi_process_and_sharded_checkpoints(tmp_path):
-    import json
-
-    from sparsevl.model.build import CONFIG_NAME, WEIGHTS_NAME
-    from sparsevl.train.checkpointing import SHARD_INDEX_NAME, missing_files
-
     def touch(*names):
         for name in names:
             (tmp_path / name).write_text("")
@@ -161,9 +159,6 @@ def test_missing_files_of_multi_process_and_sharded_checkpoints(tmp_path):
 
 
 def test_modality_grouping_sampler_gets_the_global_batch_layout(tmp_path):
-    from sparsevl.config import SparseVLTrainingArguments
-    from sparsevl.data.sampler import ModalityLengthGroupedSampler
-
     class Records(list):
         modality_lengths = [5, -3, 7, -2]
 
@@ -225,9 +220,6 @@ def test_distillation_adds_the_alignment_loss_to_the_teacher_on_kept_tokens(tmp_
 
 
 def test_latest_checkpoint_names_what_an_incomplete_one_lacks(tmp_path, caplog):
-    from sparsevl.model.build import CONFIG_NAME, WEIGHTS_NAME
-    from sparsevl.train.checkpointing import TRAINER_FILES, latest_checkpoint
-
     for step, names in ((3, [CONFIG_NAME, WEIGHTS_NAME, *TRAINER_FILES]), (5, [CONFIG_NAME, WEIGHTS_NAME])):
         (tmp_path / f"checkpoint-{step}").mkdir()
         for name in names:
@@ -264,10 +256,6 @@ def test_training_step_passes_the_global_token_count_and_names_the_samples_to_th
 
 
 def test_whole_parameters_gathers_only_deepspeed_partitioned_parameters():
-    import contextlib
-
-    from sparsevl.train.trainer import whole_parameters
-
     model = nn.Linear(2, 2)
     assert isinstance(whole_parameters(model), contextlib.nullcontext)  # nothing partitioned: nothing to gather
     model.weight.ds_id = 1  # what ZeRO-3 marks its partitioned parameters with
@@ -277,10 +265,6 @@ def test_whole_parameters_gathers_only_deepspeed_partitioned_parameters():
 
 
 def test_step_checkpoints_are_staged_published_and_rotated_keeping_the_best(tmp_path):
-    from tiny import make_model
-
-    from sparsevl.train.checkpointing import STAGING_PREFIX, missing_files
-
     model, model_args = make_model("tiny-qwen3")
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_total_limit=1)
     trainer = SparseVLTrainer(model=model, args=args, loss_weights={"lm": 1.0}, model_args=model_args)
@@ -323,8 +307,6 @@ def test_log_sums_the_processes_before_averaging_and_keeps_eval_entries_apart(tm
 
 
 def test_log_passes_the_start_time_for_token_throughput(tmp_path):
-    import time
-
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
                              include_num_input_tokens_seen="all")
     trainer = SparseVLTrainer(model=FixedLosses({}, None), args=args, loss_weights={"lm": 1.0}, model_args=None)
