@@ -28,3 +28,21 @@ def test_summary_counts_killed_over_non_equivalent_and_flags_stale_entries(capsy
     assert out[0] == "metrics: 2 killed of 3 (2 equivalent) = 0.67; 1 mutants not run yet (interrupted run)"
     assert out[1:] == [f"  not killed: {prefix}x_a__mutmut_3 (survived)",
                        f"  listed as equivalent but killed or gone: {prefix}x_a__mutmut_6"]
+
+
+def test_survivors_only_reruns_survivors_and_new_mutants_but_not_listed_equivalents(monkeypatch, tmp_path):
+    """First pass: the survivor and the unchecked mutant, not the equivalent one; the run then regenerates a
+    changed function's mutants ("not checked"), which a second pass runs; then nothing is left to run."""
+    rounds = [{"m.x_a__mutmut_1": "killed", "m.x_a__mutmut_2": "survived", "m.x_a__mutmut_3": "survived",
+               "m.x_b__mutmut_1": "not checked"},
+              {"m.x_a__mutmut_1": "killed", "m.x_a__mutmut_2": "killed", "m.x_a__mutmut_3": "survived",
+               "m.x_b__mutmut_1": "survived", "m.x_c__mutmut_1": "not checked"},
+              {"m.x_a__mutmut_1": "killed", "m.x_a__mutmut_2": "killed", "m.x_a__mutmut_3": "survived",
+               "m.x_b__mutmut_1": "survived", "m.x_c__mutmut_1": "killed"}]
+    runs = []
+    monkeypatch.setattr(mutation, "statuses", lambda name, work, mutmut, env: rounds[len(runs)])
+    monkeypatch.setattr(mutation, "_mutmut_run", lambda work, mutmut, env, children, names: runs.append(names))
+    final = mutation.run_module("metrics", tmp_path, 2, survivors_only=True,
+                                equivalent=frozenset({"m.x_a__mutmut_3"}))
+    assert runs == [["m.x_a__mutmut_2", "m.x_b__mutmut_1"], ["m.x_c__mutmut_1"]]  # a tried survivor is not retried
+    assert final == rounds[2]
