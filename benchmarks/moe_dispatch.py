@@ -75,22 +75,26 @@ def train_step(forward, module, x, grad_out):
     return step
 
 
-def medians_ms(steps, repeats, interleave=True):
-    """Median (wall, process CPU) milliseconds per step after one warm-up each.
+def medians_ms(steps, repeats, block=1):
+    """Median (wall, process CPU) milliseconds per step after one warm-up each, timed in `repeats` rounds that
+    run every variant `block` times back to back.
 
-    Interleaved rounds spread load from other jobs over all variants; decode-sized steps run back to back
-    instead, so that each finds its own weights in cache (interleaving favours variants that share weights).
-    Process CPU time counts the work of all threads and is less disturbed than wall time by other jobs.
+    Rounds spread load from other jobs over all variants. Decode-sized steps use blocks of several calls, the
+    first of each block untimed, so that each variant runs with its own weights in cache (single calls in turn
+    would favour variants that share weights). Process CPU time counts the work of all threads and is less
+    disturbed than wall time by other jobs.
     """
     times = {name: [] for name in steps}
-    rounds = [list(steps.items())] * repeats if interleave else [[item] * repeats for item in steps.items()]
     for step in steps.values():
         step()
-    for round_ in rounds:
-        for name, step in round_:
-            wall, cpu = time.perf_counter(), time.process_time()
-            step()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if block > 1:
+                step()  # brings this variant's weights back into cache
+            for _ in range(block):
+                wall, cpu = time.perf_counter(), time.process_time()
+                step()
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return {name: tuple(1e3 * statistics.median(column) for column in zip(*ts)) for name, ts in times.items()}
 
 
@@ -193,7 +197,7 @@ def decode_case(num_tokens, moe, loop_moe, hf_block, config, dense, repeats):
     }
     if num_tokens <= 16:  # batched_mm gathers 3 * FFN * DIM floats per assignment
         steps["hf batched_mm"] = lambda: hf_forward(hf_block, config, "batched_mm")(x)
-    ms = medians_ms(steps, repeats, interleave=False)
+    ms = medians_ms(steps, repeats, block=10 if num_tokens <= 64 else 1)
     dense_wall, dense_cpu = ms.pop("dense")
     distinct_wall, distinct_cpu = ms.pop("distinct dense")
     print(f"{num_tokens:4d} tokens, {touched} distinct experts touched; dense {dense_wall:.2f} ms wall, "
@@ -226,7 +230,7 @@ def main():
     print("== decode sizes, forward only (no_grad), eval mode ==")
     models[0].eval()
     models[1].eval()
-    results = [decode_case(num_tokens, *models, repeats=(20 if num_tokens <= 64 else 1) * args.repeats)
+    results = [decode_case(num_tokens, *models, repeats=(4 if num_tokens <= 64 else 1) * args.repeats)
                for num_tokens in (1, 16, 64, 4096)]
     for num_tokens, touched, wall, cpu, distinct_wall, distinct_cpu in results:
         target = "  (target <= 1.3)" if num_tokens <= 16 else ""

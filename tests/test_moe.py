@@ -391,3 +391,81 @@ def test_gumbel_noise_equals_torch_distributions_gumbel_draws():
     torch.manual_seed(5)
     theirs = torch.distributions.Gumbel(0.0, 1.0).sample((64, 8))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("experts_cls", [MLPExperts, GatedMLPExperts])
+@pytest.mark.parametrize("num_tokens, dropped", [(1, []), (1, [(0, 1)]), (1, [(0, 0), (0, 1)]), (2, []),
+                                                 (5, [(0, 1), (3, 0), (4, 1)]), (5, "all")])
+def test_decode_size_dispatch_equals_the_grouped_matmul(experts_cls, num_tokens, dropped):
+    """The per-expert path of small calls (no sort) against the sorted grouped matmul, with and without drops."""
+    torch.manual_seed(num_tokens)
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    experts = experts_cls(num_experts=4, dim=DIM, hidden_dim=HIDDEN)
+    x = torch.randn(num_tokens, DIM, requires_grad=True)
+    routing = router(x)
+    kept = None if not dropped else torch.ones(num_tokens, 2, dtype=torch.bool)
+    if dropped == "all":
+        kept[:] = False
+    for token, slot in dropped if dropped != "all" else []:
+        kept[token, slot] = False
+    small, small_counts = dispatch(x, routing, experts, kept, loop_max_assignments=10**6)
+    grouped, grouped_counts = dispatch(x, routing, experts, kept, loop_max_assignments=0)
+    torch.testing.assert_close(small, grouped, rtol=0, atol=1e-6)
+    assert small_counts.tolist() == grouped_counts.tolist() == torch.bincount(
+        routing.indices.flatten(), minlength=4).tolist()  # routed, drops included
+    if kept is None:
+        torch.testing.assert_close(small, dispatch_reference(x, routing, experts))
+    weights = [x, router.gate.weight, *experts.parameters()]
+    grad_out = torch.randn_like(small)
+
+    def grads(out):  # no expert runs when all is dropped: its weights get no gradient, i.e. zero
+        found = torch.autograd.grad((out * grad_out).sum(), weights, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(found, weights)]
+
+    for got, want in zip(grads(small), grads(grouped)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dispatch_sorts_only_above_decode_sizes(monkeypatch):
+    import sparsevl.model.moe as moe_module
+
+    grouped_calls = []
+    grouped = moe_module._grouped_experts
+    monkeypatch.setattr(moe_module, "_grouped_experts", lambda *args: grouped_calls.append(1) or grouped(*args))
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    experts = GatedMLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN)
+    for num_tokens in (1, 8):  # 2 and 16 routed assignments: LOOP_DISPATCH_MAX_ASSIGNMENTS is 16
+        x = torch.randn(num_tokens, DIM)
+        dispatch(x, router(x), experts)
+    assert grouped_calls == []
+    x = torch.randn(9, DIM)
+    dispatch(x, router(x), experts)
+    assert grouped_calls == [1]
+    dispatch(x[:0], router(x[:0]), experts)  # no token: the grouped path, which handles empty groups
+    assert grouped_calls == [1, 1]
+
+
+def test_moe_losses_are_computed_once_and_only_when_asked(monkeypatch):
+    import sparsevl.model.moe as moe_module
+
+    calls = []
+    losses = moe_module.router_losses
+    monkeypatch.setattr(moe_module, "router_losses", lambda *args: calls.append(args) or losses(*args))
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    moe = MoELayer(router=router, experts=GatedMLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN),
+                   balance_count="top1")
+    out = moe(torch.randn(3, DIM))
+    assert calls == []  # decoding never reads them
+    first = out.losses
+    assert out.losses is first and len(calls) == 1 and calls[0][1] == "top1"
+    torch.testing.assert_close(first["balance"], load_balancing_loss(out.router.probs, out.router.indices, 4,
+                                                                     count="top1"))
+    torch.testing.assert_close(first["z"], router_z_loss(out.router.logits))
+
+
+def test_expert_counts_stay_outside_autograd_in_training():
+    moe = MoELayer(router=TopKRouter(dim=DIM, num_experts=4, top_k=2),
+                   experts=GatedMLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN), capacity_factor=0.5).train()
+    moe(torch.randn(8, DIM, requires_grad=True)).hidden_states.sum().backward()
+    assert moe.expert_token_counts.grad_fn is None and not moe.expert_token_counts.requires_grad
+    assert moe.expert_token_counts.sum().item() == 16 and moe.dropped_token_count.item() > 0

@@ -8,6 +8,7 @@ per-expert statistics live as buffers on the `MoELayer` that counts them.
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -34,8 +35,13 @@ class MoEOutput:
 
     hidden_states: Tensor  # (..., out_dim), same leading shape as the input
     router: RouterOutput
-    losses: dict[str, Tensor]  # {"balance": load_balancing_loss, "z": router_z_loss}
     dropped_tokens: int  # token-expert assignments dropped by the capacity limit in this call
+    balance_count: str = "top_k"  # how the balance loss counts assignments (see load_balancing_loss)
+
+    @functools.cached_property
+    def losses(self) -> dict[str, Tensor]:
+        """{"balance": load_balancing_loss, "z": router_z_loss}, computed on first access (decoding never asks)."""
+        return router_losses(self.router, self.balance_count)
 
 
 def _check_positive(**values: float) -> None:
@@ -82,6 +88,8 @@ class TopKRouter(nn.Module):
         if not isinstance(self.gate, nn.Linear):
             return self.gate(x).float()
         bias = None if self.gate.bias is None else self.gate.bias.float()
+        if not torch.is_autocast_enabled(x.device.type):  # entering the context below costs more than the gate
+            return F.linear(x.float(), self.gate.weight.float(), bias)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.gate.weight.float(), bias)
 
@@ -105,16 +113,19 @@ def gumbel_noise(shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Gumbel(0, 1) samples from torch's global generator, the values torch.distributions.Gumbel(0, 1).sample draws
     (DeepSpeed's gumbel_rsample): -log(-log(u)), u = tiny + U(0, 1) x (1 - eps - tiny). Written out because
     building the distribution object costs about a millisecond per call."""
-    finfo = torch.finfo(torch.float32)
-    uniform = finfo.tiny + torch.rand(shape, device=device) * (1 - finfo.eps - finfo.tiny)
-    return -torch.log(-torch.log(uniform))
+    uniform = torch.rand(shape, device=device).mul_(_UNIFORM_SPAN).add_(_FLOAT32.tiny)  # in place: decode sizes
+    return uniform.log_().neg_().log_().neg_()
+
+
+_FLOAT32 = torch.finfo(torch.float32)
+_UNIFORM_SPAN = 1 - _FLOAT32.eps - _FLOAT32.tiny
 
 
 def _gumbel_choices(logits: Tensor, first: Tensor, top_k: int) -> Tensor:
     """(tokens, top_k) experts: `first`, then the top_k - 1 largest of logits + Gumbel noise with `first` masked."""
-    noisy = logits.detach() + gumbel_noise(logits.shape, logits.device)
-    noisy = noisy.scatter(1, first.unsqueeze(1), float("-inf"))
-    return torch.cat([first.unsqueeze(1), noisy.topk(top_k - 1, dim=-1).indices], dim=1)
+    first = first.unsqueeze(1)
+    noisy = gumbel_noise(logits.shape, logits.device).add_(logits.detach()).scatter_(1, first, float("-inf"))
+    return torch.cat([first, noisy.topk(top_k - 1, dim=-1).indices], dim=1)
 
 
 def _uniform_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -271,8 +282,9 @@ def _unsort_rows(rows: Tensor, order: Tensor, total: int) -> Tensor:
     return rows[inverse]
 
 
-# At or below this many kept assignments, dispatch runs the experts it touches one by one (decode sizes): an E-way
-# grouped matmul over mostly empty groups costs more than the touched experts themselves.
+# At or below this many routed assignments (tokens x top_k), dispatch runs the experts it touches one by one with no
+# sort (decode sizes): an E-way grouped matmul over mostly empty groups, and the sort around it, cost more than the
+# touched experts themselves.
 LOOP_DISPATCH_MAX_ASSIGNMENTS = 16
 
 
@@ -281,14 +293,26 @@ def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module, kept: T
     """Group token copies by expert, run each expert on its own slice, sum weighted outputs back per token.
 
     `kept` (tokens, top_k) bool leaves out dropped assignments (see `capacity_mask`). Returns (output
-    (tokens, out_dim), routed tokens_per_expert before drops). At most `loop_max_assignments` kept assignments
+    (tokens, out_dim), routed tokens_per_expert before drops). At most `loop_max_assignments` routed assignments
     (default LOOP_DISPATCH_MAX_ASSIGNMENTS) run expert by expert, more in one grouped matmul. The outputs come
     back by a gather, not a scatter (CPU index_add costs ~100 ms for one row in torch 2.13).
     """
     if loop_max_assignments is None:
         loop_max_assignments = LOOP_DISPATCH_MAX_ASSIGNMENTS
     num_tokens, top_k = router_output.indices.shape
-    expert_ids = router_output.indices.t().reshape(-1)  # (top_k * tokens,) choice-major
+    if 0 < top_k * num_tokens <= loop_max_assignments:
+        y, tokens_per_expert = _touched_experts(x, router_output.indices, experts, kept)
+    else:
+        y, tokens_per_expert = _grouped_experts(x, router_output.indices, experts, kept)
+    weights = router_output.weights.t().reshape(-1, 1).to(y.dtype)  # (top_k * tokens, 1)
+    return (y * weights).view(top_k, num_tokens, y.shape[-1]).sum(dim=0), tokens_per_expert
+
+
+def _grouped_experts(x: Tensor, indices: Tensor, experts: nn.Module, kept: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Every expert's rows in one grouped matmul over the assignments sorted by expert: (outputs (top_k * tokens,
+    out_dim) choice-major, zero where dropped; routed tokens_per_expert)."""
+    num_tokens, top_k = indices.shape
+    expert_ids = indices.t().reshape(-1)  # (top_k * tokens,) choice-major
     tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
     assignments = None if kept is None else kept.t().reshape(-1).nonzero().squeeze(1)  # kept, choice-major
     if assignments is not None:
@@ -297,20 +321,38 @@ def dispatch(x: Tensor, router_output: RouterOutput, experts: nn.Module, kept: T
     if assignments is not None:
         order = assignments[order]
     kept_per_expert = torch.bincount(expert_ids_sorted, minlength=experts.num_experts)
-    x_sorted = x[order % num_tokens]  # (kept, dim) grouped by expert
-    if 0 < expert_ids.numel() <= loop_max_assignments:
-        y = _touched_experts_loop(experts, x_sorted, kept_per_expert)  # (kept, out_dim)
+    y = experts(x[order % num_tokens], kept_per_expert)  # (kept, out_dim) grouped by expert
+    return _unsort_rows(y, order, top_k * num_tokens), tokens_per_expert
+
+
+def _touched_experts(x: Tensor, indices: Tensor, experts: nn.Module, kept: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Decode sizes: each touched expert on its kept tokens with plain F.linear, grouped in Python instead of
+    sorted; returns what `_grouped_experts` returns."""
+    num_tokens, top_k = indices.shape
+    keep = None if kept is None else kept.t().reshape(-1).tolist()
+    tokens_per_expert = [0] * experts.num_experts
+    assignments_of: dict[int, list[int]] = {}  # expert -> its kept assignments (slot * tokens + token), in order
+    for assignment, expert in enumerate(indices.t().reshape(-1).tolist()):  # choice-major
+        tokens_per_expert[expert] += 1
+        if keep is None or keep[assignment]:
+            assignments_of.setdefault(expert, []).append(assignment)
+    order = [assignment for group in assignments_of.values() for assignment in group]  # row r: assignment order[r]
+    if num_tokens == 1:
+        inputs = [x] * len(assignments_of)
     else:
-        y = experts(x_sorted, kept_per_expert)
-    y = _unsort_rows(y, order, top_k * num_tokens)  # (top_k * tokens, out_dim)
-    weights = router_output.weights.t().reshape(-1, 1).to(y.dtype)  # (top_k * tokens, 1)
-    return (y * weights).view(top_k, num_tokens, y.shape[-1]).sum(dim=0), tokens_per_expert
-
-
-def _touched_experts_loop(experts: nn.Module, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
-    """Decode-size expert pass: plain F.linear per expert that has rows, over x_sorted grouped by expert."""
-    slices = x_sorted.split(tokens_per_expert.tolist())
-    return torch.cat([experts.expert_forward(e, rows) for e, rows in enumerate(slices) if rows.shape[0]])
+        rows = x.index_select(0, torch.tensor([a % num_tokens for a in order], dtype=torch.long, device=x.device))
+        inputs = rows.split([len(group) for group in assignments_of.values()])
+    outputs = [experts.expert_forward(expert, rows) for expert, rows in zip(assignments_of, inputs)]
+    counts = torch.tensor(tokens_per_expert, device=indices.device)
+    total = top_k * num_tokens
+    if order == list(range(total)):  # one token on distinct experts: rows already in assignment order
+        return torch.cat(outputs), counts
+    row_of = [len(order)] * total  # dropped assignments read the zero row appended last
+    for row, assignment in enumerate(order):
+        row_of[assignment] = row
+    zero_row = (outputs[0] if outputs else x).new_zeros(1, experts.out_dim)
+    y = torch.cat([*outputs, zero_row]).index_select(0, torch.tensor(row_of, dtype=torch.long, device=x.device))
+    return y, counts
 
 
 def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
@@ -381,10 +423,7 @@ class MoELayer(nn.Module):
         dropped = 0 if kept is None else int(kept.numel() - kept.sum())
         if self.track_stats:
             self._count(tokens_per_expert, dropped)
-        losses = {"balance": load_balancing_loss(routing.probs, routing.indices, self.router.num_experts,
-                                                 count=self.balance_count),
-                  "z": router_z_loss(routing.logits)}
-        return MoEOutput(out.reshape(*x.shape[:-1], out.shape[-1]), routing, losses, dropped)
+        return MoEOutput(out.reshape(*x.shape[:-1], out.shape[-1]), routing, dropped, self.balance_count)
 
     def _kept(self, routing: RouterOutput) -> Tensor | None:
         """Capacity mask of this call's assignments (None without a capacity limit)."""
@@ -398,10 +437,11 @@ class MoELayer(nn.Module):
             priority = uniform.gather(1, routing.indices)
         return capacity_mask(routing.indices, self.router.num_experts, capacity, priority)
 
-    @torch.no_grad()
     def _count(self, tokens_per_expert: Tensor, dropped: int) -> None:
+        """Add a call's counts (integer tensors: no autograd to turn off, and a no_grad context costs more)."""
         self.expert_token_counts += tokens_per_expert
-        self.dropped_token_count += dropped
+        if dropped:
+            self.dropped_token_count += dropped
 
     def reset_stats(self) -> None:
         """Zero the accumulated expert_token_counts and dropped_token_count."""
@@ -448,6 +488,13 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, num_experts: int, *, cou
     num_tokens = probs.shape[0]
     fraction = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(probs.dtype) / num_tokens
     return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def router_losses(routing: RouterOutput, balance_count: str = "top_k") -> dict[str, Tensor]:
+    """The auxiliary losses of one routing: {"balance": load_balancing_loss, "z": router_z_loss}."""
+    return {"balance": load_balancing_loss(routing.probs, routing.indices, routing.probs.shape[-1],
+                                           count=balance_count),
+            "z": router_z_loss(routing.logits)}
 
 
 def router_z_loss(logits: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter, expert_stats_paused
+from sparsevl.model.moe import GatedMLPExperts, MoELayer, RouterOutput, TopKRouter, expert_stats_paused, router_losses
 
 MOE_MODES = ("sparse", "first_half", "second_half", "dense")  # --moe_mode, MoE-LLaVA's names
 PAPER_TRAIN_RULE = "moe_layers"  # --train_modules value for the paper's text: only the MoE layers train
@@ -62,7 +62,7 @@ class MoEFeedForward(nn.Module):
         if residual is not None:
             dim = moe.router.gate.in_features
             self.coefficient = nn.Linear(dim, 2).to(moe.router.gate.weight)
-        self._losses: dict[str, torch.Tensor] = {}
+        self._routing: tuple[RouterOutput, str] | None = None  # the last forward's, until its losses are popped
         self.last_expert_indices: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class MoEFeedForward(nn.Module):
             with expert_stats_paused(self.moe):     # routing, already counted, its losses already handed over
                 return self.moe(hidden_states).hidden_states
         out = self.moe(hidden_states)
-        self._losses = out.losses
+        self._routing = out.router, out.balance_count  # losses computed only if popped (decoding never asks)
         self.last_expert_indices = out.router.indices.view(*hidden_states.shape[:-1], -1)
         if self.residual is None:
             return out.hidden_states
@@ -79,8 +79,8 @@ class MoEFeedForward(nn.Module):
 
     def pop_losses(self) -> dict[str, torch.Tensor]:
         """The losses of the last forward, handed over once (a later call returns {} until the next forward)."""
-        losses, self._losses = self._losses, {}
-        return losses
+        routing, self._routing = self._routing, None
+        return {} if routing is None else router_losses(*routing)
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
