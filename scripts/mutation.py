@@ -102,8 +102,11 @@ def run_module(name: str, work: Path, max_children: int, survivors_only: bool, r
         return statuses(name, work, mutmut, env)
     tried: set[str] = set()
     while True:  # survivors first; a function changed since the last run gets new, unchecked mutants on the way
-        names = sorted(m for m, status in statuses(name, work, mutmut, env).items()
+        found = statuses(name, work, mutmut, env)
+        names = sorted(m for m, status in found.items()
                        if status not in KILLED and m not in tried and m not in equivalent)
+        if not tried and not names and found:  # mutmut regenerates changed functions' mutants only when it runs
+            names = [min(found)]
         if not names:
             return statuses(name, work, mutmut, env)
         _mutmut_run(work, mutmut, env, max_children, names)

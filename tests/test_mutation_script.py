@@ -46,3 +46,16 @@ def test_survivors_only_reruns_survivors_and_new_mutants_but_not_listed_equivale
                                 equivalent=frozenset({"m.x_a__mutmut_3"}))
     assert runs == [["m.x_a__mutmut_2", "m.x_b__mutmut_1"], ["m.x_c__mutmut_1"]]  # a tried survivor is not retried
     assert final == rounds[2]
+
+
+def test_survivors_only_without_survivors_still_runs_once_to_find_changed_functions(monkeypatch, tmp_path):
+    """mutmut regenerates the mutants of changed functions only when it runs: with every mutant killed, one killed
+    mutant runs, after which the regenerated ones ("not checked") run."""
+    rounds = [{"m.x_a__mutmut_1": "killed", "m.x_b__mutmut_1": "killed"},
+              {"m.x_a__mutmut_1": "killed", "m.x_b__mutmut_1": "not checked"},
+              {"m.x_a__mutmut_1": "killed", "m.x_b__mutmut_1": "killed"}]
+    runs = []
+    monkeypatch.setattr(mutation, "statuses", lambda name, work, mutmut, env: rounds[len(runs)])
+    monkeypatch.setattr(mutation, "_mutmut_run", lambda work, mutmut, env, children, names: runs.append(names))
+    assert mutation.run_module("metrics", tmp_path, 2, survivors_only=True) == rounds[2]
+    assert runs == [["m.x_a__mutmut_1"], ["m.x_b__mutmut_1"]]
