@@ -438,11 +438,31 @@ def test_dispatch_sorts_only_above_decode_sizes(monkeypatch):
         x = torch.randn(num_tokens, DIM)
         dispatch(x, router(x), experts)
     assert grouped_calls == []
+    top1 = TopKRouter(dim=DIM, num_experts=4, top_k=1)
+    dispatch(x[:1], top1(x[:1]), experts)  # a single assignment
+    assert grouped_calls == []
     x = torch.randn(9, DIM)
     dispatch(x, router(x), experts)
     assert grouped_calls == [1]
     dispatch(x[:0], router(x[:0]), experts)  # no token: the grouped path, which handles empty groups
     assert grouped_calls == [1, 1]
+
+
+@pytest.mark.parametrize("num_tokens, drop", [(1, False), (1, True), (5, True)])
+def test_dispatch_keeps_the_experts_dtype_under_autocast(num_tokens, drop):
+    """Under bf16 autocast the decode-size path's experts (F.linear) compute in bf16, and the layer returns bf16,
+    dropped rows included (CPU autocast leaves grouped_mm in fp32: that path returns fp32)."""
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    experts = GatedMLPExperts(num_experts=4, dim=DIM, hidden_dim=HIDDEN)
+    x = torch.randn(num_tokens, DIM)
+    kept = torch.ones(num_tokens, 2, dtype=torch.bool)
+    kept[0, 1] = not drop
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(x)
+        small, _ = dispatch(x, routing, experts, kept, loop_max_assignments=10**6)
+        grouped, _ = dispatch(x, routing, experts, kept, loop_max_assignments=0)
+    assert small.dtype == torch.bfloat16 and grouped.dtype == torch.float32
+    torch.testing.assert_close(small, grouped.bfloat16(), rtol=0.05, atol=0.01)
 
 
 def test_moe_losses_are_computed_once_and_only_when_asked(monkeypatch):

@@ -177,13 +177,14 @@ def test_reference_balance_loss_gradient_reaches_the_router():
 
 
 def test_router_runs_in_fp32_under_bf16_autocast():
-    router = TopKRouter(dim=DIM, num_experts=4, top_k=2)
+    router = TopKRouter(dim=DIM, num_experts=4, top_k=2, bias=True)
+    torch.nn.init.normal_(router.gate.bias)
     x = torch.randn(6, DIM)
-    expected = x @ router.gate.weight.T
+    expected = x @ router.gate.weight.T + router.gate.bias
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = router(x.bfloat16()).logits
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits, x.bfloat16().float() @ router.gate.weight.T)
+    torch.testing.assert_close(logits, x.bfloat16().float() @ router.gate.weight.T + router.gate.bias)
     assert (logits - expected).abs().max() > 0  # only the input's own bf16 rounding remains
 
 

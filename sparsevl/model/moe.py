@@ -88,9 +88,8 @@ class TopKRouter(nn.Module):
         if not isinstance(self.gate, nn.Linear):
             return self.gate(x).float()
         bias = None if self.gate.bias is None else self.gate.bias.float()
-        if not torch.is_autocast_enabled(x.device.type):  # entering the context below costs more than the gate
-            return F.linear(x.float(), self.gate.weight.float(), bias)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        autocast = torch.is_autocast_enabled(x.device.type)  # turning it off costs more than the gate when it is off
+        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             return F.linear(x.float(), self.gate.weight.float(), bias)
 
     def forward(self, x: Tensor) -> RouterOutput:
@@ -490,7 +489,7 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, num_experts: int, *, cou
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
-def router_losses(routing: RouterOutput, balance_count: str = "top_k") -> dict[str, Tensor]:
+def router_losses(routing: RouterOutput, balance_count: str) -> dict[str, Tensor]:
     """The auxiliary losses of one routing: {"balance": load_balancing_loss, "z": router_z_loss}."""
     return {"balance": load_balancing_loss(routing.probs, routing.indices, routing.probs.shape[-1],
                                            count=balance_count),
