@@ -36,7 +36,7 @@ class MoEOutput:
     hidden_states: Tensor  # (..., out_dim), same leading shape as the input
     router: RouterOutput
     dropped_tokens: int  # token-expert assignments dropped by the capacity limit in this call
-    balance_count: str = "top_k"  # how the balance loss counts assignments (see load_balancing_loss)
+    balance_count: str  # how the balance loss counts assignments (see load_balancing_loss)
 
     @functools.cached_property
     def losses(self) -> dict[str, Tensor]:
@@ -108,16 +108,16 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights=weights.to(x.dtype), indices=indices, logits=logits, probs=probs)
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+_UNIFORM_SPAN = 1 - _FLOAT32.eps - _FLOAT32.tiny
+
+
 def gumbel_noise(shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Gumbel(0, 1) samples from torch's global generator, the values torch.distributions.Gumbel(0, 1).sample draws
     (DeepSpeed's gumbel_rsample): -log(-log(u)), u = tiny + U(0, 1) x (1 - eps - tiny). Written out because
     building the distribution object costs about a millisecond per call."""
     uniform = torch.rand(shape, device=device).mul_(_UNIFORM_SPAN).add_(_FLOAT32.tiny)  # in place: decode sizes
     return uniform.log_().neg_().log_().neg_()
-
-
-_FLOAT32 = torch.finfo(torch.float32)
-_UNIFORM_SPAN = 1 - _FLOAT32.eps - _FLOAT32.tiny
 
 
 def _gumbel_choices(logits: Tensor, first: Tensor, top_k: int) -> Tensor:
