@@ -5,8 +5,9 @@ Each setting starts its own `sparsevl api` process (127.0.0.1, a free port), war
 questions one at a time and from --clients concurrent clients (asyncio tasks, each with its own
 `openai.AsyncOpenAI` client; greedy, max_tokens = --max_new_tokens). It prints requests/s, the ratio,
 p50/p95 latency, how many answers equal `sparsevl eval`'s greedy answers (the same generation code, batched
-by eval's own batcher), and the server process's CPU time per request in both modes, a figure that depends
-less than wall-clock time on other jobs sharing the machine. The last line is the plain setting's ratio.
+by eval's own batcher), and the server's CPU time per request (its processes together) in both modes, a
+figure that depends less than wall-clock time on other jobs sharing the machine. The last line is the plain
+setting's ratio.
 
     python -m benchmarks.api_load --model runs/demo/finetune --data runs/demo/data/test_qa.json
 """
@@ -129,7 +130,9 @@ def measure(args, name: str, flags: list[str], records: list[dict]) -> float:
     process, base = start_server(args.model, flags, args.clients)
     try:
         model_id = Path(args.model).resolve().name
-        server_cpu = lambda: sum(psutil.Process(process.pid).cpu_times()[:2])  # noqa: E731 (user + system s)
+        server = psutil.Process(process.pid)
+        processes = [server, *server.children(recursive=True)]  # the API and its engine process
+        server_cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in processes)  # noqa: E731 (user + system s)
         run_load(base, model_id, records[: args.clients], args.clients, args.max_new_tokens)  # warm-up
         before = server_cpu()
         serial, serial_lat, serial_s = run_load(base, model_id, records, 1, args.max_new_tokens)

@@ -1,6 +1,8 @@
 """`sparsevl api`: the official `openai` client (plain and streaming) against a real uvicorn server on
 127.0.0.1 serving a tiny checkpoint; answers equal the model's own greedy generation one prompt at a time;
-bad requests get 4xx in OpenAI's error shape while the server and concurrent requests carry on."""
+bad requests get 4xx in OpenAI's error shape while the server and concurrent requests carry on. The shared
+server runs with each engine (the model in a child process, the default, and in a thread); servers made for
+one front-end flag (limits, API key) use the thread engine, which starts faster and shares that code."""
 
 import base64
 import io
@@ -16,7 +18,10 @@ import torch
 from PIL import Image
 
 from sparsevl.data.conversation import prompt_ids
+from sparsevl.eval.run import load_for_inference
+from sparsevl.model.inference_flags import apply_inference_flags
 from sparsevl.serve.api import build_app, build_server, parser
+from sparsevl.serve.scheduler import Scheduler
 
 QUESTIONS = ["what colour is the circle?", "how many shapes are there?", "is there a red square?",
              "where is the triangle?", "what shape is at the top left?", "count them"]
@@ -47,10 +52,16 @@ def running_api(checkpoint, *flags):
         sock.close()
 
 
-@pytest.fixture(scope="module")
-def api(lively_checkpoint):
-    with running_api(lively_checkpoint, "--max_batch_size", "4") as served:
+@pytest.fixture(scope="module", params=["process", "thread"])
+def api(lively_checkpoint, request):
+    with running_api(lively_checkpoint, "--engine", request.param, "--max_batch_size", "4") as served:
         yield served
+
+
+@pytest.fixture(scope="module")
+def reference(lively_checkpoint):
+    """(model, tokenizer, image processor) of the served checkpoint, loaded here for the oracle."""
+    return load_for_inference(lively_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +78,11 @@ def user_message(question: str, png: bytes) -> list[dict]:
                                          {"type": "image_url", "image_url": {"url": data_url(png)}}]}]
 
 
-def oracle(server, question: str, png: bytes, max_tokens: int) -> str:
+def oracle(reference, question: str, png: bytes, max_tokens: int) -> str:
     """The model's own greedy answer, one prompt at a time, no KV cache (as `sparsevl eval` decodes it)."""
-    model, tokenizer = server.scheduler.model, server.scheduler.tokenizer
+    model, tokenizer, processor = reference
     ids = prompt_ids("<image>\n" + question, tokenizer)
-    pixels = server.image_processor(images=[Image.open(io.BytesIO(png)).convert("RGB")],
-                                    return_tensors="pt")["pixel_values"]
+    pixels = processor(images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt")["pixel_values"]
     tokens = model.generate(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixels,
                             max_new_tokens=max_tokens, eos_token_id=tokenizer.eos_token_id, use_cache=False)[0]
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -87,27 +97,27 @@ def test_models_lists_the_served_checkpoint(api, lively_checkpoint):
     assert [m.id for m in client(base).models.list().data] == [lively_checkpoint.name] == [server.model_id]
 
 
-def test_openai_client_plain_answer_equals_greedy_generation(api, images):
+def test_openai_client_plain_answer_equals_greedy_generation(api, images, reference):
     base, server = api
     reply = client(base).chat.completions.create(model=server.model_id, messages=user_message(QUESTIONS[0],
                                                  images[0]), max_tokens=10, temperature=0)
-    expected = oracle(server, QUESTIONS[0], images[0], 10)
+    expected = oracle(reference, QUESTIONS[0], images[0], 10)
     assert expected and reply.choices[0].message.content == expected
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.object == "chat.completion"
-    text_tokens = len(prompt_ids("<image>\n" + QUESTIONS[0], server.scheduler.tokenizer)) - 1
+    text_tokens = len(prompt_ids("<image>\n" + QUESTIONS[0], server.tokenizer)) - 1
     assert reply.usage.prompt_tokens == text_tokens + 64 and reply.usage.visual_tokens == 64
     assert reply.usage.visual_tokens_kept == 64 and reply.usage.total_tokens == 64 + text_tokens + \
         reply.usage.completion_tokens
 
 
-def test_openai_client_streams_the_same_answer_in_chunks(api, images):
+def test_openai_client_streams_the_same_answer_in_chunks(api, images, reference):
     base, server = api
     stream = client(base).chat.completions.create(model=server.model_id, messages=user_message(QUESTIONS[1],
                                                   images[1]), max_tokens=12, temperature=0, stream=True,
                                                   stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == oracle(server, QUESTIONS[1], images[1], 12)
+    assert text == oracle(reference, QUESTIONS[1], images[1], 12)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # streamed piece by piece
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
@@ -125,9 +135,10 @@ def test_sse_wire_format_ends_with_done(api, images):
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
 
 
-def test_concurrent_clients_are_batched_and_answer_as_one_at_a_time(api, images):
+def test_concurrent_clients_are_batched_and_answer_as_one_at_a_time(api, images, reference):
     base, server = api
-    answers, start = [None] * len(QUESTIONS), len(server.scheduler.batch_sizes)
+    answers = [None] * len(QUESTIONS)
+    start = len(server.engine.batch_sizes) if isinstance(server.engine, Scheduler) else None
 
     def ask(i):
         reply = client(base).chat.completions.create(model=server.model_id, max_tokens=6 + 2 * i, temperature=0,
@@ -139,8 +150,9 @@ def test_concurrent_clients_are_batched_and_answer_as_one_at_a_time(api, images)
         thread.start()
     for thread in threads:
         thread.join(120)
-    assert answers == [oracle(server, q, png, 6 + 2 * i) for i, (q, png) in enumerate(zip(QUESTIONS, images))]
-    assert 1 < max(list(server.scheduler.batch_sizes)[start:]) <= 4
+    assert answers == [oracle(reference, q, png, 6 + 2 * i) for i, (q, png) in enumerate(zip(QUESTIONS, images))]
+    if start is not None:  # the thread engine's scheduler is visible here: the requests were decoded together
+        assert 1 < max(list(server.engine.batch_sizes)[start:]) <= 4
 
 
 def test_sampling_follows_the_seed(api, images):
@@ -152,9 +164,9 @@ def test_sampling_follows_the_seed(api, images):
     assert len({ask(seed) for seed in range(4)}) > 1
 
 
-def test_stop_strings_cut_the_answer(api, images):
+def test_stop_strings_cut_the_answer(api, images, reference):
     base, server = api
-    full = oracle(server, QUESTIONS[3], images[3], 12)
+    full = oracle(reference, QUESTIONS[3], images[3], 12)
     word = full.split()[2]
     reply = client(base).chat.completions.create(model=server.model_id, messages=user_message(QUESTIONS[3],
                                                  images[3]), max_tokens=12, temperature=0, stop=[word, "zzzz"])
@@ -198,7 +210,7 @@ def bad_bodies(model_id: str, png: bytes) -> dict:
 
 
 @pytest.mark.parametrize("case", list(bad_bodies("m", b"").keys()))
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api, images, case):
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api, images, case, reference):
     base, server = api
     payload, status, code = bad_bodies(server.model_id, images[0])[case]
     response = httpx.post(f"{base}/chat/completions", content=payload, headers={"content-type": "application/json"},
@@ -209,14 +221,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api, images
     assert code in (error["code"], error["param"])
     reply = client(base).chat.completions.create(model=server.model_id, messages=user_message(QUESTIONS[0],
                                                  images[0]), max_tokens=3, temperature=0)
-    assert reply.choices[0].message.content == oracle(server, QUESTIONS[0], images[0], 3)
+    assert reply.choices[0].message.content == oracle(reference, QUESTIONS[0], images[0], 3)
 
 
 def test_body_limit_and_unknown_routes(lively_checkpoint, images):
     noise = io.BytesIO()
     Image.frombytes("RGB", (100, 100), torch.randint(0, 256, (100 * 100 * 3,), dtype=torch.uint8).numpy().tobytes()
                     ).save(noise, format="PNG")
-    with running_api(lively_checkpoint, "--max_body_mb", "0.01") as (base, server):
+    with running_api(lively_checkpoint, "--engine", "thread", "--max_body_mb", "0.01") as (base, server):
         big = json.dumps({"messages": user_message("q", noise.getvalue())}).encode()
         assert len(big) > 0.01 * 2**20
         response = httpx.post(f"{base}/chat/completions", content=big, timeout=60)
@@ -225,7 +237,7 @@ def test_body_limit_and_unknown_routes(lively_checkpoint, images):
         assert missing.status_code == 404 and "error" in missing.json()
 
 
-def test_bad_requests_alongside_valid_ones_leave_them_correct(api, images):
+def test_bad_requests_alongside_valid_ones_leave_them_correct(api, images, reference):
     base, server = api
     bad = list(bad_bodies(server.model_id, images[0]).values())
     answers, statuses = [None] * 4, []
@@ -245,11 +257,11 @@ def test_bad_requests_alongside_valid_ones_leave_them_correct(api, images):
     for thread in threads:
         thread.join(120)
     assert sorted(statuses) == sorted(status for _, status, _ in bad)
-    assert answers == [oracle(server, QUESTIONS[i], images[i], 10) for i in range(4)]
+    assert answers == [oracle(reference, QUESTIONS[i], images[i], 10) for i in range(4)]
 
 
 def test_api_key_is_required_when_set(lively_checkpoint, images):
-    with running_api(lively_checkpoint, "--api_key", "s3cret") as (base, server):
+    with running_api(lively_checkpoint, "--engine", "thread", "--api_key", "s3cret") as (base, server):
         assert httpx.get(f"{base}/models", timeout=60).status_code == 401
         wrong = httpx.get(f"{base}/models", headers={"Authorization": "Bearer nope"}, timeout=60)
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
@@ -258,8 +270,17 @@ def test_api_key_is_required_when_set(lively_checkpoint, images):
         assert client(base, key="s3cret").models.list().data[0].id == server.model_id
 
 
-def test_full_queue_gets_429(lively_checkpoint, images):
-    with running_api(lively_checkpoint, "--max_batch_size", "1", "--max_queue", "1") as (base, server):
+def one_waits(server) -> bool:
+    """Whether one request waits behind the one decoding (--max_batch_size 1)."""
+    if isinstance(server.engine, Scheduler):
+        return server.engine.num_waiting == 1
+    return server.engine.num_outstanding == 2
+
+
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_full_queue_gets_429(lively_checkpoint, images, engine):
+    with running_api(lively_checkpoint, "--engine", engine, "--max_batch_size", "1", "--max_queue", "1") as (
+            base, server):
         body = {"model": server.model_id, "messages": user_message(QUESTIONS[0], images[0]), "max_tokens": 400,
                 "temperature": 1.0, "seed": 0, "stream": True, "stop": None}
         first = []
@@ -271,7 +292,7 @@ def test_full_queue_gets_429(lively_checkpoint, images):
                 f"{base}/chat/completions", timeout=120, json={**body, "stream": False, "max_tokens": 2})))
             waiting.start()
             for _ in range(200):
-                if server.scheduler.num_waiting == 1:
+                if one_waits(server):
                     break
                 threading.Event().wait(0.01)
             refused = httpx.post(f"{base}/chat/completions", json={**body, "stream": False}, timeout=60)
@@ -285,40 +306,44 @@ def test_full_queue_gets_429(lively_checkpoint, images):
 
 def test_pruning_flags_reach_the_served_model(lively_checkpoint, images):
     flags = ["--token_pruner", "fastv", "--fastv_k", "1", "--fastv_ratio", "0.75"]
-    with running_api(lively_checkpoint, *flags) as (base, server):
+    pruned = load_for_inference(lively_checkpoint)
+    apply_inference_flags(parser().parse_args(["--model", str(lively_checkpoint), *flags]), pruned[0])
+    with running_api(lively_checkpoint, *flags) as (base, server):  # the default engine: flags cross to the child
         reply = client(base).chat.completions.create(model=server.model_id, max_tokens=8, temperature=0,
                                                      messages=user_message(QUESTIONS[0], images[0]))
-        assert server.scheduler.model.pruning.steps[0].num_kept == 16
-        assert reply.choices[0].message.content == oracle(server, QUESTIONS[0], images[0], 8)  # pruned oracle
+    assert reply.choices[0].message.content == oracle(pruned, QUESTIONS[0], images[0], 8)
+    assert reply.choices[0].message.content != oracle(load_for_inference(lively_checkpoint), QUESTIONS[0], images[0], 8)
     assert reply.usage.visual_tokens == 64 and reply.usage.visual_tokens_kept == 16
 
 
-def test_image_count_size_and_default_length_flags(lively_checkpoint, images):
+def test_image_count_size_and_default_length_flags(lively_checkpoint, images, reference):
     two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}
                                         for png in images[:2]] + [{"type": "text", "text": "compare"}]}]
     flags = ["--max_images", "2", "--default_max_tokens", "3", "--max_image_pixels", "5000"]
-    with running_api(lively_checkpoint, *flags) as (base, server):
+    with running_api(lively_checkpoint, "--engine", "thread", *flags) as (base, server):
         reply = client(base).chat.completions.create(model=server.model_id, messages=two, temperature=0)
         assert reply.usage.visual_tokens == 128 and reply.usage.completion_tokens <= 3
         default_length = client(base).chat.completions.create(model=server.model_id, temperature=0,
                                                               messages=user_message(QUESTIONS[0], images[0]))
-        assert default_length.choices[0].message.content == oracle(server, QUESTIONS[0], images[0], 3)
+        assert default_length.choices[0].message.content == oracle(reference, QUESTIONS[0], images[0], 3)
         big = io.BytesIO()
         Image.new("RGB", (80, 80), "red").save(big, format="PNG")  # 6400 pixels
         refused = httpx.post(f"{base}/chat/completions", json={"messages": user_message("q", big.getvalue())},
                              timeout=60)
         assert refused.status_code == 400 and "80x80 pixels; the limit is 5000" in refused.json()["error"]["message"]
-    with running_api(lively_checkpoint, "--max_image_mb", "0.0001") as (base, server):
+    with running_api(lively_checkpoint, "--engine", "thread", "--max_image_mb", "0.0001") as (base, server):
         refused = httpx.post(f"{base}/chat/completions", json={"messages": user_message("q", images[0])}, timeout=60)
         assert refused.status_code == 413 and refused.json()["error"]["code"] == "image_too_large"
 
 
 def test_api_binds_loopback_by_default():
     args = parser().parse_args(["--model", "m"])
-    assert (args.host, args.port, args.api_key, args.max_batch_size) == ("127.0.0.1", 8000, None, 16)
+    assert (args.host, args.port, args.api_key, args.max_batch_size, args.engine) == ("127.0.0.1", 8000, None, 16,
+                                                                                       "process")
 
 
 def test_batch_wait_flag_reaches_the_scheduler(lively_checkpoint):
-    server = build_server(parser().parse_args(["--model", str(lively_checkpoint), "--batch_wait_ms", "35"]))
-    assert server.scheduler.batch_wait == 0.035
-    server.scheduler.close()
+    args = ["--model", str(lively_checkpoint), "--engine", "thread", "--batch_wait_ms", "35"]
+    server = build_server(parser().parse_args(args))
+    assert server.engine.batch_wait == 0.035
+    server.engine.close()

@@ -1,6 +1,6 @@
 """`sparsevl api` as a process: it serves from the command line, and SIGTERM lets the request in flight
 finish (its answer whole and equal to greedy generation) before the process exits (by the signal, which
-uvicorn re-raises once drained)."""
+uvicorn re-raises once drained), its engine process with it."""
 
 import base64
 import json
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 
@@ -60,12 +61,16 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(lively_checkpoint, sh
             {"role": "user", "content": [{"type": "image_url", "image_url": {
                 "url": "data:image/png;base64," + base64.b64encode(png).decode()}},
                 {"type": "text", "text": question}]}]}
+        engine = [child for child in psutil.Process(server.pid).children()  # where the model decodes
+                  if "spawn_main" in " ".join(child.cmdline())]  # (not multiprocessing's resource tracker)
+        assert len(engine) == 1
         with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as response:
             lines = response.iter_lines()
             first = next(lines)
             server.send_signal(signal.SIGTERM)  # after the first chunk: the answer has just begun
             rest = [line for line in lines if line]
         assert server.wait(60) == -signal.SIGTERM  # uvicorn drains, then re-raises the signal it caught
+        assert not engine[0].is_running() or engine[0].status() == psutil.STATUS_ZOMBIE  # stopped with it
     finally:
         if server.poll() is None:
             server.kill()

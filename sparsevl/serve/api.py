@@ -5,6 +5,10 @@ such as lmms-eval's `openai_compatible` model can use a sparse model with its pr
 Binds 127.0.0.1 unless --host says otherwise; --api_key requires `Authorization: Bearer KEY`. Images come
 inline as data: URLs (never fetched). Refused requests get OpenAI's error shape and a 4xx status; a full
 queue gets 429. SIGTERM stops accepting connections, finishes the requests in flight, then exits.
+
+The model decodes in a child process by default (--engine process, as vLLM's engine core): this process
+parses requests and speaks HTTP without taking turns with decoding for one GIL. --engine thread keeps
+everything in one process.
 """
 
 import argparse
@@ -16,6 +20,7 @@ import time
 import uuid
 
 from sparsevl.model.inference_flags import add_inference_flags
+from sparsevl.serve.engine_process import EngineProcess, model_limits
 from sparsevl.serve.openai_request import ApiError, Limits, parse_chat_request
 from sparsevl.serve.scheduler import Delta, Finished, GenerationRequest, QueueFull, Scheduler
 
@@ -28,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the API")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer API_KEY` (401 otherwise)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where the model decodes: a child process (default; HTTP and parsing stay out of its "
+                        "way) or a thread of this process (one process, slower under load)")
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond this get 429")
     p.add_argument("--batch_wait_ms", type=float, default=50.0,
@@ -43,15 +51,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 class ApiServer:
-    """What the routes need: the scheduler, the checkpoint's tokenizer and image processor, and the limits."""
+    """What the routes need: the engine (a Scheduler, or one in a child process), the checkpoint's tokenizer,
+    image processor, context length and visual tokens per image, and the limits."""
 
-    def __init__(self, scheduler: Scheduler, image_processor, *, model_id: str, limits: Limits,
-                 max_body_bytes: int, api_key: str | None = None):
-        self.scheduler, self.image_processor = scheduler, image_processor
+    def __init__(self, engine: Scheduler | EngineProcess, tokenizer, image_processor, *, context: int,
+                 num_image_tokens: int, model_id: str, limits: Limits, max_body_bytes: int,
+                 api_key: str | None = None):
+        self.engine, self.tokenizer, self.image_processor = engine, tokenizer, image_processor
+        self.context, self.num_image_tokens = context, num_image_tokens
         self.model_id, self.limits, self.max_body_bytes, self.api_key = model_id, limits, max_body_bytes, api_key
-        model = scheduler.model
-        self.context = getattr(model.llm.config, "max_position_embeddings", None) or 10**9
-        self.num_image_tokens = model.num_image_tokens
 
     def authorize(self, request) -> None:
         if self.api_key is None:
@@ -77,7 +85,7 @@ class ApiServer:
         return b"".join(chunks)
 
     def parse(self, body: bytes):
-        return parse_chat_request(body, model_id=self.model_id, tokenizer=self.scheduler.tokenizer,
+        return parse_chat_request(body, model_id=self.model_id, tokenizer=self.tokenizer,
                                   image_processor=self.image_processor, context=self.context,
                                   num_image_tokens=self.num_image_tokens, limits=self.limits)
 
@@ -85,9 +93,10 @@ class ApiServer:
         """Queue the parsed request; its events arrive on the returned asyncio queue."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         request = GenerationRequest(chat.input_ids, chat.pixel_values, chat.params,
-                                    lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                                    lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                    text_events=chat.stream)
         try:
-            self.scheduler.submit(request)
+            self.engine.submit(request)
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", code="rate_limit_exceeded",
                            kind="rate_limit_error") from None
@@ -122,7 +131,7 @@ def chunk(completion_id: str, model_id: str, delta: dict | None, finish_reason: 
 
 
 def build_app(server: ApiServer):
-    """The Starlette app (not started); the lifespan drains the scheduler on shutdown."""
+    """The Starlette app (not started); the lifespan drains the engine on shutdown."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -142,13 +151,13 @@ def build_app(server: ApiServer):
         events, generation = server.submit(chat)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
-            return StreamingResponse(stream_events(events, generation, completion_id, server.model_id,
-                                                   chat.include_usage), media_type="text/event-stream")
+            return StreamingResponse(stream_events(events, lambda: server.engine.cancel(generation), completion_id,
+                                                   server.model_id, chat.include_usage),
+                                     media_type="text/event-stream")
         try:
-            while not isinstance(event := await events.get(), Finished):
-                pass
+            event = await events.get()  # the only event: a request that does not stream gets no text pieces
         finally:
-            generation.cancelled.set()  # no-op once finished; stops the row if this client went away
+            server.engine.cancel(generation)  # no-op once finished; stops the row if this client went away
         if event.finish_reason == "error":
             raise ApiError(500, event.error, code="generation_failed", kind="server_error")
         return JSONResponse(completion(event, completion_id, server.model_id))
@@ -167,9 +176,9 @@ def build_app(server: ApiServer):
 
     @asynccontextmanager
     async def lifespan(app):
-        server.scheduler.start()
+        server.engine.start()
         yield
-        await run_in_threadpool(server.scheduler.close)
+        await run_in_threadpool(server.engine.close)
 
     routes = [Route("/v1/models", models, methods=["GET"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"])]
@@ -177,8 +186,7 @@ def build_app(server: ApiServer):
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
 
 
-async def stream_events(events: asyncio.Queue, generation: GenerationRequest, completion_id: str, model_id: str,
-                        include_usage: bool):
+async def stream_events(events: asyncio.Queue, cancel, completion_id: str, model_id: str, include_usage: bool):
     """Server-sent events: a role chunk, one chunk per text piece, the finish chunk, usage if asked, [DONE]."""
     try:
         yield chunk(completion_id, model_id, {"role": "assistant", "content": ""})
@@ -192,22 +200,30 @@ async def stream_events(events: asyncio.Queue, generation: GenerationRequest, co
                 yield chunk(completion_id, model_id, None, usage_counts=usage(event))
         yield "data: [DONE]\n\n"
     finally:
-        generation.cancelled.set()  # a client that disconnects mid-stream frees its row at the next step
+        cancel()  # a client that disconnects mid-stream frees its row at the next step
 
 
 def build_server(args) -> ApiServer:
-    """Load the checkpoint with its pruning flags and wire the scheduler and limits (ValueError on bad flags)."""
+    """Load the checkpoint with its pruning flags (in a child process with --engine process) and wire the engine
+    and limits (ValueError on bad flags)."""
     from pathlib import Path
 
     from sparsevl.serve.assistant import VisionAssistant
 
     _check_limits(args)
-    assistant = VisionAssistant.load(args.model, args, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                     batch_wait_ms=args.batch_wait_ms)
+    options = {"max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "batch_wait_ms": args.batch_wait_ms}
+    if args.engine == "process":
+        engine = EngineProcess(args.model, args, **options)
+        tokenizer, image_processor = engine.tokenizer, engine.image_processor
+        context, num_image_tokens = engine.context, engine.num_image_tokens
+    else:
+        assistant = VisionAssistant.load(args.model, args, **options)
+        engine, tokenizer, image_processor = assistant.scheduler, assistant.tokenizer, assistant.image_processor
+        context, num_image_tokens = model_limits(assistant.model)
     limits = Limits(max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20),
                     max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens)
-    return ApiServer(assistant.scheduler, assistant.image_processor, limits=limits, api_key=args.api_key,
-                     model_id=args.model_name or Path(args.model).resolve().name,
+    return ApiServer(engine, tokenizer, image_processor, context=context, num_image_tokens=num_image_tokens,
+                     limits=limits, api_key=args.api_key, model_id=args.model_name or Path(args.model).resolve().name,
                      max_body_bytes=int(args.max_body_mb * 2**20))
 
 

@@ -54,6 +54,7 @@ class GenerationRequest:
     params: SamplingParams
     on_event: Callable[[Delta | Finished], None]
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client to leave early
+    text_events: bool = True  # False: no Delta events, only the Finished one (a client that does not stream)
     arrived: float = 0.0  # time.monotonic() when submitted
 
 
@@ -110,6 +111,10 @@ class Scheduler:
             self._waiting.append(request)
             self._changed.notify()
 
+    def cancel(self, request: GenerationRequest) -> None:
+        """Let `request` leave at the next token boundary (a no-op once it has finished)."""
+        request.cancelled.set()
+
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued and running request, then stop the thread."""
         with self._changed:
@@ -146,7 +151,7 @@ class Scheduler:
             except Exception as error:  # a failing step fails its rows; the scheduler keeps serving
                 logger.exception("decode step failed")
                 for row in running:
-                    _emit(row.request, Finished("", row.tokens, "error", error=f"generation failed: {error}"))
+                    emit(row.request, Finished("", row.tokens, "error", error=f"generation failed: {error}"))
                 rows, logits = None, None
                 running.clear()
 
@@ -166,7 +171,7 @@ class Scheduler:
                 return []
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         for request in [r for r in taken if r.cancelled.is_set()]:
-            _emit(request, Finished("", [], "cancelled"))
+            emit(request, Finished("", [], "cancelled"))
         return [r for r in taken if not r.cancelled.is_set()]
 
     def _admit(self, new: list[GenerationRequest], rows: DecodeRows | None, logits: torch.Tensor | None,
@@ -178,7 +183,7 @@ class Scheduler:
         except Exception as error:
             logger.exception("prefill failed")
             for request in new:
-                _emit(request, Finished("", [], "error", error=f"generation failed: {error}"))
+                emit(request, Finished("", [], "error", error=f"generation failed: {error}"))
             return rows, logits
         running += [_Row(request, self.tokenizer, info, i) for i, request in enumerate(new)]
         if rows is None:
@@ -210,9 +215,9 @@ class Scheduler:
                 staying.append(i)
             else:
                 rest = row.answer.finish()
-                if rest:
-                    _emit(row.request, Delta(rest))
-                _emit(row.request, Finished(row.answer.text, row.tokens, finish_reason, **row.usage))
+                if rest and row.request.text_events:
+                    emit(row.request, Delta(rest))
+                emit(row.request, Finished(row.answer.text, row.tokens, finish_reason, **row.usage))
         if len(staying) < len(running):
             running[:] = [running[i] for i in staying]
             if not running:
@@ -228,14 +233,14 @@ class Scheduler:
             return "stop"
         row.tokens.append(token)
         piece = row.answer.push(token)
-        if piece:
-            _emit(row.request, Delta(piece))
+        if piece and row.request.text_events:
+            emit(row.request, Delta(piece))
         if row.answer.stopped:
             return "stop"
         return "length" if len(row.tokens) >= row.params.max_tokens else None
 
 
-def _emit(request: GenerationRequest, event: Delta | Finished) -> None:
+def emit(request: GenerationRequest, event: Delta | Finished) -> None:
     """Hand an event to the request's callback; a failing callback (a client gone) never stops the scheduler."""
     try:
         request.on_event(event)
