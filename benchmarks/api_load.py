@@ -1,13 +1,13 @@
 """Throughput of `sparsevl api` under load: held-out questions sent by many concurrent `openai` clients
 against the same questions sent one at a time, for the plain model and with a pruning setting.
 
-Each setting starts its own `sparsevl api` process (127.0.0.1, a free port), warms it up, then times the
-questions one at a time and from --clients concurrent clients (asyncio tasks, each with its own
-`openai.AsyncOpenAI` client; greedy, max_tokens = --max_new_tokens). It prints requests/s, the ratio,
-p50/p95 latency, how many answers equal `sparsevl eval`'s greedy answers (the same generation code, batched
-by eval's own batcher), and the server's CPU time per request (its processes together) in both modes, a
-figure that depends less than wall-clock time on other jobs sharing the machine. The last line is the plain
-setting's ratio.
+Each setting starts its own `sparsevl api` process (127.0.0.1, a free port), warms it up, then times
+--repeats passes of the questions one at a time and from --clients concurrent clients, interleaved (asyncio
+tasks, each with its own `openai.AsyncOpenAI` client; greedy, max_tokens = --max_new_tokens). It prints
+requests/s of the median pass (and of each pass), the ratio of the median passes, p50/p95 latency, how many
+answers equal `sparsevl eval`'s greedy answers (the same generation code, batched by eval's own batcher), and
+the server's CPU time per request (its processes together) in both modes, a figure that depends less than
+wall-clock time on other jobs sharing the machine. The last line is the plain setting's ratio.
 
     python -m benchmarks.api_load --model runs/demo/finetune --data runs/demo/data/test_qa.json
 """
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=16, help="max_tokens per request (eval's default)")
     p.add_argument("--pruning", default="--token_pruner fastv",
                    help="pruning flags of the second setting, as `sparsevl api` takes them ('' to skip)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="passes of every question per mode, one at a time and concurrent interleaved; the "
+                        "speed-up compares the median passes")
+    p.add_argument("--server_flags", default="",
+                   help="more `sparsevl api` flags for both settings, e.g. '--engine thread'")
     return p
 
 
@@ -96,10 +102,19 @@ async def ask(client: openai.AsyncOpenAI, model_id: str, record: dict, max_token
     return reply.choices[0].message.content, time.perf_counter() - start
 
 
-def run_load(base: str, model_id: str, records: list[dict], clients: int, max_tokens: int):
-    """Send every record from `clients` concurrent clients (asyncio tasks, each with its own AsyncOpenAI client,
-    made before the clock starts: building one costs ~0.15 s of TLS setup); (answers in record order,
-    latencies, wall seconds)."""
+@dataclass
+class Pass:
+    """One pass of every question, at one concurrency."""
+
+    answers: list[str]  # in question order
+    latencies: list[float]  # seconds, in question order
+    seconds: float  # wall time of the pass
+    server_cpu: float  # CPU seconds of the server's processes during the pass
+
+
+async def send_all(pool: list[openai.AsyncOpenAI], model_id: str, records: list[dict], max_tokens: int):
+    """Send every record from the clients of `pool` at once (one asyncio task per client, each sending the next
+    record when its answer is back); (answers in record order, latencies, wall seconds)."""
     answers, latencies = [None] * len(records), [0.0] * len(records)
     next_index = iter(range(len(records)))
 
@@ -107,17 +122,28 @@ def run_load(base: str, model_id: str, records: list[dict], clients: int, max_to
         for index in next_index:
             answers[index], latencies[index] = await ask(client, model_id, records[index], max_tokens)
 
-    async def timed() -> float:
-        pool = [openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
-                for _ in range(clients)]
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for client in pool))
-        seconds = time.perf_counter() - start
-        await asyncio.gather(*(client.close() for client in pool))
-        return seconds
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(client) for client in pool))
+    return answers, latencies, time.perf_counter() - start
 
-    seconds = asyncio.run(timed())
-    return answers, latencies, seconds
+
+async def timed_passes(base: str, model_id: str, records: list[dict], args, server_cpu) -> dict[int, list[Pass]]:
+    """--repeats passes one at a time and from --clients clients, interleaved, so that a slow phase of the machine
+    hits both modes. The clients are made and connected once, before any clock starts (building one costs
+    ~0.15 s of TLS setup), and kept across passes, as a client that talks to a server keeps its connection."""
+    pool = [openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
+            for _ in range(args.clients)]
+    try:
+        await send_all(pool, model_id, records[: args.clients], args.max_new_tokens)  # warm-up, one each
+        passes = {1: [], args.clients: []}
+        for _ in range(args.repeats):
+            for clients in passes:
+                before = server_cpu()
+                answers, latencies, seconds = await send_all(pool[:clients], model_id, records, args.max_new_tokens)
+                passes[clients].append(Pass(answers, latencies, seconds, server_cpu() - before))
+        return passes
+    finally:
+        await asyncio.gather(*(client.close() for client in pool))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,39 +151,44 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(args, name: str, flags: list[str], records: list[dict]) -> float:
-    """One setting: eval's answers, then one-at-a-time and concurrent load on a fresh server; the ratio."""
+    """One setting: eval's answers, then the timed passes on a fresh server; the ratio of the median pass times."""
     expected = eval_answers(args.model, Path(args.data), records, flags, args.max_new_tokens)
-    process, base = start_server(args.model, flags, args.clients)
+    server_flags = [*flags, *shlex.split(args.server_flags)]
+    process, base = start_server(args.model, server_flags, args.clients)
     try:
-        model_id = Path(args.model).resolve().name
         server = psutil.Process(process.pid)
         processes = [server, *server.children(recursive=True)]  # the API and its engine process
         server_cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in processes)  # noqa: E731 (user + system s)
-        run_load(base, model_id, records[: args.clients], args.clients, args.max_new_tokens)  # warm-up
-        before = server_cpu()
-        serial, serial_lat, serial_s = run_load(base, model_id, records, 1, args.max_new_tokens)
-        middle = server_cpu()
-        together, lat, together_s = run_load(base, model_id, records, args.clients, args.max_new_tokens)
-        cpu_ms = [(middle - before) * 1000 / len(records), (server_cpu() - middle) * 1000 / len(records)]
+        passes = asyncio.run(timed_passes(base, Path(args.model).resolve().name, records, args, server_cpu))
     finally:
         process.terminate()
         process.wait(60)
-    ratio = serial_s / together_s
-    print(f"[{name}] {len(records)} questions, max_tokens {args.max_new_tokens}, flags: {shlex.join(flags) or '-'}")
-    print(f"  one at a time: {len(records) / serial_s:.2f} req/s, latency p50 {percentile(serial_lat, 50):.3f} s "
-          f"p95 {percentile(serial_lat, 95):.3f} s")
-    print(f"  {args.clients} clients:    {len(records) / together_s:.2f} req/s, latency p50 "
-          f"{percentile(lat, 50):.3f} s p95 {percentile(lat, 95):.3f} s")
-    print(f"  answers equal to sparsevl eval's: one at a time {sum(a == e for a, e in zip(serial, expected))}"
-          f"/{len(records)}, concurrent {sum(a == e for a, e in zip(together, expected))}/{len(records)}")
-    print(f"  server CPU per request: one at a time {cpu_ms[0]:.1f} ms, {args.clients} clients {cpu_ms[1]:.1f} ms "
-          f"({cpu_ms[0] / cpu_ms[1]:.2f}x less)")
+    print(f"[{name}] {len(records)} questions x {args.repeats} passes, max_tokens {args.max_new_tokens}, flags: "
+          f"{shlex.join(server_flags) or '-'}")
+    seconds, cpu_ms = {}, {}
+    for clients, runs in passes.items():
+        seconds[clients] = statistics.median(run.seconds for run in runs)
+        cpu_ms[clients] = statistics.median(run.server_cpu for run in runs) * 1000 / len(records)
+        latencies = [latency for run in runs for latency in run.latencies]
+        label = "one at a time:" if clients == 1 else f"{clients} clients:"
+        print(f"  {label:<14} {len(records) / seconds[clients]:.2f} req/s (median pass; passes "
+              f"{', '.join(f'{len(records) / run.seconds:.1f}' for run in runs)}), latency p50 "
+              f"{percentile(latencies, 50):.3f} s p95 {percentile(latencies, 95):.3f} s")
+    worst = {clients: min(sum(a == e for a, e in zip(run.answers, expected)) for run in runs)
+             for clients, runs in passes.items()}
+    print(f"  answers equal to sparsevl eval's (worst pass): one at a time {worst[1]}/{len(records)}, "
+          f"concurrent {worst[args.clients]}/{len(records)}")
+    print(f"  server CPU per request (median pass): one at a time {cpu_ms[1]:.1f} ms, {args.clients} clients "
+          f"{cpu_ms[args.clients]:.1f} ms ({cpu_ms[1] / cpu_ms[args.clients]:.2f}x less)")
+    ratio = seconds[1] / seconds[args.clients]
     print(f"  speed-up: {ratio:.2f}x", flush=True)
     return ratio
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.repeats < 1 or args.clients < 2:
+        parser().error(f"--repeats must be >= 1 and --clients >= 2, got {args.repeats} and {args.clients}")
     records = load_questions(Path(args.data), args.num_questions)
     if args.pruning:
         measure(args, "pruned", shlex.split(args.pruning), records)

@@ -95,8 +95,8 @@ def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(lively_checkpoint
         assert isinstance(events.get(timeout=120), Delta)
         os.kill(engine._process.pid, signal.SIGKILL)
         done = drain(events)[-1]
-        assert done.finish_reason == "error" and "engine process exited" in done.error
-        with pytest.raises(RuntimeError):
+        assert done.finish_reason == "error" and f"engine process exited with {-signal.SIGKILL}" in done.error
+        with pytest.raises(RuntimeError, match="engine process exited"):
             engine.submit(request(prompt, 5)[0])
     finally:
         engine.close(timeout=60)

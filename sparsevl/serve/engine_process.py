@@ -58,14 +58,18 @@ class EngineProcess:
                                       name="sparsevl-engine", daemon=True)
         self._process.start()
         child_end.close()
-        self.tokenizer = load_tokenizer(model_dir)  # while the child loads the model
-        self.image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        try:
+            self.tokenizer = load_tokenizer(model_dir)  # while the child loads the model
+            self.image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        except BaseException:
+            self._process.kill()
+            raise
         self.context, self.num_image_tokens = self._wait_until_ready()
         self._requests: dict[int, GenerationRequest] = {}  # outstanding, by id
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # guards _requests and _closing
+        self._lock = threading.Lock()  # guards _requests and _refusal
         self._send_lock = threading.Lock()  # one message on the pipe at a time (never held with _lock)
-        self._closing = False
+        self._refusal: str | None = None  # why new requests are refused: closing, or the child is gone
         self._reader = threading.Thread(target=self._read, name="sparsevl-engine-reader", daemon=True)
 
     def _wait_until_ready(self) -> tuple[int, int]:
@@ -96,8 +100,8 @@ class EngineProcess:
         """Send a request to the child; QueueFull when too many are outstanding, RuntimeError once closing."""
         pixels = None if request.pixel_values is None else request.pixel_values.numpy()
         with self._lock:
-            if self._closing:
-                raise RuntimeError("the scheduler is shutting down")
+            if self._refusal is not None:
+                raise RuntimeError(self._refusal)
             if len(self._requests) >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting, {self.max_batch_size} "
                                 "decoding)")
@@ -116,8 +120,8 @@ class EngineProcess:
     def close(self, timeout: float | None = None) -> None:
         """Finish every outstanding request, then stop the child."""
         with self._lock:
-            closing, self._closing = self._closing, True
-        if not closing:
+            refusal, self._refusal = self._refusal, self._refusal or "the scheduler is shutting down"
+        if refusal is None:
             self._send(("close",))
         if self._reader.ident is None:
             self._reader.start()  # delivers the last events, then sees "closed"
@@ -145,14 +149,15 @@ class EngineProcess:
                 request = self._requests.pop(key) if isinstance(event, Finished) else self._requests.get(key)
             if request is not None:
                 emit(request, event)
+        self._process.join(5)
+        gone = f"the engine process exited with {self._process.exitcode}; restart the server"
         with self._lock:
-            self._closing, left = True, list(self._requests.values())
+            self._refusal, left = self._refusal or gone, list(self._requests.values())
             self._requests.clear()
         if left:
-            logger.error("the engine process exited with %s; failing %d requests", self._process.exitcode,
-                         len(left))
+            logger.error("%s (%d requests failed)", gone, len(left))
         for request in left:
-            emit(request, Finished("", [], "error", error="generation failed: the engine process exited"))
+            emit(request, Finished("", [], "error", error=f"generation failed: {gone}"))
 
 
 def _child_main(conn, model_dir: str, inference_args, options: dict) -> None:
