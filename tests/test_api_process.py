@@ -5,6 +5,7 @@ uvicorn re-raises once drained), its engine process with it."""
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,3 +89,19 @@ def test_api_cli_refuses_bad_flags(lively_checkpoint, capsys):
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
     assert main(["--model", str(lively_checkpoint), "--token_pruner", "nope"]) == 2
     assert "--token_pruner 'nope' is unknown" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_api_load_benchmark_runs_and_answers_as_eval(lively_checkpoint, shapes_dir, capsys, monkeypatch):
+    """`python -m benchmarks.api_load` on a tiny scale: both settings answer exactly as `sparsevl eval` in every
+    pass, and the last line is the one the issue names."""
+    from benchmarks.api_load import main
+
+    monkeypatch.chdir(REPO)  # the server subprocess imports sparsevl from here
+    assert main(["--model", str(lively_checkpoint), "--data", str(shapes_dir / "test_qa.json"), "--num_questions",
+                 "6", "--clients", "3", "--repeats", "2", "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "answers equal" in line] == [
+        "  answers equal to sparsevl eval's (worst pass): one at a time 6/6, concurrent 6/6"] * 2
+    assert any(line.startswith("[pruned]") and "--token_pruner fastv" in line for line in out)
+    assert re.fullmatch(r"api speed-up vs one at a time: \d+\.\d\dx", out[-1])
