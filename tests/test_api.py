@@ -7,6 +7,8 @@ one front-end flag (limits, API key) use the thread engine, which starts faster 
 import base64
 import io
 import json
+import os
+import signal
 import socket
 import threading
 from contextlib import contextmanager
@@ -347,3 +349,20 @@ def test_batch_wait_flag_reaches_the_scheduler(lively_checkpoint):
     server = build_server(parser().parse_args(args))
     assert server.engine.batch_wait == 0.035
     server.engine.close()
+
+
+def test_a_dead_engine_process_fails_its_requests_then_answers_503(lively_checkpoint, images):
+    with running_api(lively_checkpoint, "--engine", "process") as (base, server):
+        body = {"model": server.model_id, "messages": user_message(QUESTIONS[0], images[0]), "max_tokens": 400,
+                "temperature": 1.0, "seed": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as running:
+            lines = running.iter_lines()
+            next(lines)  # decoding has begun
+            os.kill(server.engine._process.pid, signal.SIGKILL)
+            rest = [line for line in lines if line]
+        failed = json.loads(rest[-2][6:])["error"]
+        assert rest[-1] == "data: [DONE]" and "engine process exited" in failed["message"]
+        refused = httpx.post(f"{base}/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+        assert "restart the server" in refused.json()["error"]["message"]
+        assert httpx.get(f"{base}/models", timeout=60).status_code == 200  # the API itself still answers

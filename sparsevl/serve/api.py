@@ -100,8 +100,8 @@ class ApiServer:
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", code="rate_limit_exceeded",
                            kind="rate_limit_error") from None
-        except RuntimeError as error:
-            raise ApiError(503, str(error), code="shutting_down", kind="server_error") from None
+        except RuntimeError as error:  # closing, or the engine process is gone
+            raise ApiError(503, str(error), code="unavailable", kind="server_error") from None
         return events, request
 
 
