@@ -87,6 +87,8 @@ def test_api_cli_refuses_bad_flags(lively_checkpoint, capsys):
 
     assert main(["--model", str(lively_checkpoint), "--max_batch_size", "0"]) == 2
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["--model", str(lively_checkpoint), "--batch_wait_ms", "-1"]) == 2  # refused before the child starts
+    assert "--batch_wait_ms >= 0, got 16, 64, -1.0" in capsys.readouterr().err
     assert main(["--model", str(lively_checkpoint), "--token_pruner", "nope"]) == 2
     assert "--token_pruner 'nope' is unknown" in capsys.readouterr().err
 

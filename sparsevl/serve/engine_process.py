@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sparsevl.serve.scheduler import Finished, GenerationRequest, QueueFull, Scheduler, emit
+from sparsevl.serve.scheduler import Finished, GenerationRequest, QueueFull, Scheduler, check_options, emit
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ class EngineProcess:
 
         from sparsevl.data.tokenizer import load_tokenizer
 
-        if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
-            raise ValueError(f"--max_batch_size and --max_queue must be >= 1 and --batch_wait_ms >= 0, got "
-                             f"{max_batch_size}, {max_queue}, {batch_wait_ms}")
+        check_options(max_batch_size, max_queue, batch_wait_ms)  # before spending seconds on a child
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         spawn = multiprocessing.get_context("spawn")
         self._conn, child_end = spawn.Pipe()

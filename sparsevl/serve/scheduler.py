@@ -72,14 +72,19 @@ class _Row:
                       "kept_positions": None if info.kept_positions is None else info.kept_positions[index]}
 
 
+def check_options(max_batch_size: int, max_queue: int, batch_wait_ms: float) -> None:
+    """ValueError naming the flags unless max_batch_size >= 1, max_queue >= 1 and batch_wait_ms >= 0."""
+    if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
+        raise ValueError(f"--max_batch_size and --max_queue must be >= 1 and --batch_wait_ms >= 0, got "
+                         f"{max_batch_size}, {max_queue}, {batch_wait_ms}")
+
+
 class Scheduler:
     """Decode queued requests in one thread; `submit` from any thread."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
                  batch_wait_ms: float = 0.0):
-        if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
-            raise ValueError(f"--max_batch_size and --max_queue must be >= 1 and --batch_wait_ms >= 0, got "
-                             f"{max_batch_size}, {max_queue}, {batch_wait_ms}")
+        check_options(max_batch_size, max_queue, batch_wait_ms)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.max_queue, self.batch_wait = max_batch_size, max_queue, batch_wait_ms / 1000
         self._waiting: deque[GenerationRequest] = deque()
