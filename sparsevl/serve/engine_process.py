@@ -38,7 +38,8 @@ class EngineProcess:
     """A Scheduler in a spawned child process; `submit`, `cancel` and `close` as the Scheduler's, from any thread.
 
     At most `max_batch_size + max_queue` requests are outstanding (decoding or waiting); one more gets
-    QueueFull. Also loads the checkpoint's tokenizer and image processor here, for parsing requests."""
+    QueueFull. Also loads the checkpoint's tokenizer and image processor here, for parsing requests. As with
+    any spawned process, a script that makes one needs an `if __name__ == "__main__":` guard."""
 
     def __init__(self, model_dir: str | Path, inference_args, *, max_batch_size: int = 16, max_queue: int = 64,
                  batch_wait_ms: float = 0.0):
