@@ -8,7 +8,8 @@ and all weights); decode-sized cases (1, 16, 64 and 4096 tokens) time forward un
 against (distinct experts touched x dense), with two meanings of that denominator: one dense FFN timed alone
 and multiplied (its 12 MiB of weights stay in the 32 MiB L3 cache between calls), and that many distinct dense
 FFNs run back to back (each reads its own weights, as the touched experts do: what a dense model with that
-many FFNs costs). Prompt-sized variants are timed in interleaved rounds so that
+many FFNs costs). The summary also prints those distinct FFNs alone against the first denominator: work every
+MoE layer must do at least, whatever its dispatch. Prompt-sized variants are timed in interleaved rounds so that
 load from other processes hits all alike.
 
     PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc] [--decode-only]
@@ -209,7 +210,7 @@ def decode_case(num_tokens, moe, loop_moe, hf_block, config, dense, repeats):
               f"{wall / distinct_wall:6.2f} {cpu / distinct_cpu:6.2f}")
     wall, cpu = ms["sparsevl MoELayer (library)"]
     return (num_tokens, touched, wall / (touched * dense_wall), cpu / (touched * dense_cpu), wall / distinct_wall,
-            cpu / distinct_cpu)
+            cpu / distinct_cpu, distinct_wall / (touched * dense_wall))
 
 
 def main():
@@ -232,11 +233,12 @@ def main():
     models[1].eval()
     results = [decode_case(num_tokens, *models, repeats=(4 if num_tokens <= 64 else 1) * args.repeats)
                for num_tokens in (1, 16, 64, 4096)]
-    for num_tokens, touched, wall, cpu, distinct_wall, distinct_cpu in results:
+    for num_tokens, touched, wall, cpu, distinct_wall, distinct_cpu, floor in results:
         target = "  (target <= 1.3)" if num_tokens <= 16 else ""
         print(f"decode {num_tokens} tokens: time(MoE) / ({touched} experts touched x time(dense)): "
               f"wall {wall:.2f}, cpu {cpu:.2f}; / ({touched} distinct dense FFNs): wall {distinct_wall:.2f}, "
-              f"cpu {distinct_cpu:.2f}{target}")
+              f"cpu {distinct_cpu:.2f}{target}; {touched} distinct dense FFNs alone, no routing: "
+              f"{floor:.2f} x ({touched} x time(dense))")
 
 
 if __name__ == "__main__":
