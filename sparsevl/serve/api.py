@@ -18,6 +18,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 from sparsevl.model.inference_flags import add_inference_flags
 from sparsevl.serve.engine_process import EngineProcess, model_limits
@@ -186,7 +187,8 @@ def build_app(server: ApiServer):
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
 
 
-async def stream_events(events: asyncio.Queue, cancel, completion_id: str, model_id: str, include_usage: bool):
+async def stream_events(events: asyncio.Queue, cancel: Callable[[], None], completion_id: str, model_id: str,
+                        include_usage: bool):
     """Server-sent events: a role chunk, one chunk per text piece, the finish chunk, usage if asked, [DONE]."""
     try:
         yield chunk(completion_id, model_id, {"role": "assistant", "content": ""})
