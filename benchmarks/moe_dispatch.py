@@ -6,11 +6,13 @@ MoE-Tuning's defaults (MoE-LLaVA's: Gumbel-sampled second expert, capacity facto
 eval, kept weights renormalised). Prompt-sized cases time forward+backward in training mode (grads of input
 and all weights); decode-sized cases (1, 16, 64 and 4096 tokens) time forward under no_grad in eval mode,
 against (distinct experts touched x dense), with two meanings of that denominator: one dense FFN timed alone
-and multiplied (its 12 MiB of weights stay in the 32 MiB L3 cache between calls), and that many distinct dense
-FFNs run back to back (each reads its own weights, as the touched experts do: what a dense model with that
-many FFNs costs). The summary also prints those distinct FFNs alone against the first denominator: work every
-MoE layer must do at least, whatever its dispatch. Prompt-sized variants are timed in interleaved rounds so that
-load from other processes hits all alike.
+and multiplied (on a machine with a 32 MiB L3 its 12 MiB of weights stay in cache between calls), and that many
+distinct dense FFNs run back to back (each reads its own weights, as the touched experts do: what a dense model
+with that many FFNs costs). The summary also prints those distinct FFNs alone against the first denominator:
+work every MoE layer must do at least, whatever its dispatch. One token without grad takes the layer's one-token
+path (routing decided in Python, `dispatch_one_token`) whatever the dispatch threshold, so at one token the
+library, loop and grouped_mm rows time the same code: their spread is the harness's. Prompt-sized variants are
+timed in interleaved rounds so that load from other processes hits all alike.
 
     PYTHONPATH=. python benchmarks/moe_dispatch.py [--repeats 5] [--threads 2] [--default-malloc] [--decode-only]
 """
@@ -30,6 +32,9 @@ from sparsevl.model.moe import GatedMLPExperts, MoELayer, TopKRouter, dispatch_r
 from sparsevl.runtime import tune_cpu_allocator
 
 TOKENS, DIM, FFN, EXPERTS, TOP_K = 4096, 512, 2048, 8, 2
+# untimed calls before each block of decode-sized calls: with one, a variant timed right after the distinct dense
+# FFNs ran up to 8 % slower than the same code timed after another MoE variant
+WARMUP_CALLS = 3
 
 
 class LoopGatedExperts(GatedMLPExperts):
@@ -80,8 +85,8 @@ def medians_ms(steps, repeats, block=1):
     """Median (wall, process CPU) milliseconds per step after one warm-up each, timed in `repeats` rounds that
     run every variant `block` times back to back.
 
-    Rounds spread load from other jobs over all variants. Decode-sized steps use blocks of several calls, the
-    first of each block untimed, so that each variant runs with its own weights in cache (single calls in turn
+    Rounds spread load from other jobs over all variants. Decode-sized steps use blocks of several calls after
+    WARMUP_CALLS untimed ones, so that each variant runs with its own weights in cache (single calls in turn
     would favour variants that share weights). Process CPU time counts the work of all threads and is less
     disturbed than wall time by other jobs.
     """
@@ -90,7 +95,7 @@ def medians_ms(steps, repeats, block=1):
         step()
     for _ in range(repeats):
         for name, step in steps.items():
-            if block > 1:
+            for _ in range(WARMUP_CALLS if block > 1 else 0):
                 step()  # brings this variant's weights back into cache
             for _ in range(block):
                 wall, cpu = time.perf_counter(), time.process_time()

@@ -10,13 +10,14 @@ import copy
 import dataclasses
 import functools
 import math
-import struct
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
+
+from sparsevl.model.one_token_routing import FLOAT32_TINY, UNIFORM_SPAN, float32, route_one_token
 
 
 @dataclass
@@ -48,6 +49,15 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _silu_(x: Tensor) -> Tensor:
+    return F.silu(x, inplace=True)
+
+
+# Activation modules whose forward this function computes in place: a decode step saves the module call and an
+# allocation.
+_IN_PLACE_FORM = {nn.SiLU: _silu_, SiLUActivation: _silu_}
 
 
 def _activation(name: str) -> nn.Module:
@@ -87,10 +97,12 @@ class TopKRouter(nn.Module):
         """Router logits (tokens, num_experts) in fp32: a Linear gate runs on fp32 input and weight, autocast off."""
         if not isinstance(self.gate, nn.Linear):
             return self.gate(x).float()
-        bias = None if self.gate.bias is None else self.gate.bias.float()
-        autocast = torch.is_autocast_enabled(x.device.type)  # turning it off costs more than the gate when it is off
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            return F.linear(x.float(), self.gate.weight.float(), bias)
+        bias = None if self.gate.bias is None else _as_dtype(self.gate.bias, torch.float32)
+        x, weight = _as_dtype(x, torch.float32), _as_dtype(self.gate.weight, torch.float32)
+        if torch.is_autocast_enabled(x.device.type):  # turning it off costs more than the gate when it is off
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """Route x (tokens, dim); N(0, noise_std) logit noise is added only in training."""
@@ -98,8 +110,20 @@ class TopKRouter(nn.Module):
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = logits.softmax(dim=-1)
-        if self.second_expert_policy == "sampling" and self.top_k > 1:
-            indices = _gumbel_choices(logits, probs.argmax(dim=-1), self.top_k)
+        sampling = self.second_expert_policy == "sampling" and self.top_k > 1
+        uniform = torch.rand(logits.shape, device=logits.device) if sampling else None  # for the Gumbel noise
+        if x.shape[0] == 1 and self.top_k <= 2 and not torch.is_grad_enabled():  # a decode step
+            picked = route_one_token(probs.tolist()[0], logits.tolist()[0] if sampling else None,
+                                     uniform.tolist()[0] if sampling else None, top_k=self.top_k,
+                                     normalize=self.normalize_top_k)
+            if picked is not None:
+                chosen, weights = picked
+                return RouterOutput(weights=torch.tensor([weights], dtype=x.dtype, device=x.device),
+                                    indices=torch.tensor([chosen], device=x.device), logits=logits, probs=probs)
+        if sampling:  # GShard: the second choice is the argmax of logits + Gumbel(0, 1) noise, the first masked
+            noise_free = logits.detach() if logits.requires_grad else logits
+            noisy = noise_free - _log_neg_log_(uniform)
+            indices = _gumbel_choices(noisy, probs.argmax(dim=-1), self.top_k)
         else:
             indices = probs.topk(self.top_k, dim=-1).indices  # (tokens, top_k), descending
         weights = probs.gather(1, indices)
@@ -108,22 +132,29 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights=weights.to(x.dtype), indices=indices, logits=logits, probs=probs)
 
 
-_FLOAT32 = torch.finfo(torch.float32)
-_UNIFORM_SPAN = 1 - _FLOAT32.eps - _FLOAT32.tiny
+def _as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """tensor.to(dtype) without the call when it already is (at decode sizes each call costs microseconds)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def gumbel_noise(shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Gumbel(0, 1) samples from torch's global generator, the values torch.distributions.Gumbel(0, 1).sample draws
     (DeepSpeed's gumbel_rsample): -log(-log(u)), u = tiny + U(0, 1) x (1 - eps - tiny). Written out because
     building the distribution object costs about a millisecond per call."""
-    uniform = torch.rand(shape, device=device).mul_(_UNIFORM_SPAN).add_(_FLOAT32.tiny)  # in place: decode sizes
-    return uniform.log_().neg_().log_().neg_()
+    return _log_neg_log_(torch.rand(shape, device=device)).neg_()
 
 
-def _gumbel_choices(logits: Tensor, first: Tensor, top_k: int) -> Tensor:
-    """(tokens, top_k) experts: `first`, then the top_k - 1 largest of logits + Gumbel noise with `first` masked."""
+def _log_neg_log_(uniform: Tensor) -> Tensor:
+    """log(-log(u)), u = tiny + uniform x (1 - eps - tiny), in place on `uniform` (U(0, 1) draws): minus the
+    Gumbel noise, so that logits - this is logits + Gumbel noise to the last bit."""
+    return uniform.mul_(UNIFORM_SPAN).add_(FLOAT32_TINY).log_().neg_().log_()
+
+
+def _gumbel_choices(noisy: Tensor, first: Tensor, top_k: int) -> Tensor:
+    """(tokens, top_k) experts: `first`, then the top_k - 1 largest of `noisy` (logits + Gumbel noise, changed
+    in place) with `first` masked."""
     first = first.unsqueeze(1)
-    noisy = gumbel_noise(logits.shape, logits.device).add_(logits.detach()).scatter_(1, first, float("-inf"))
+    noisy = noisy.scatter_(1, first, float("-inf"))
     return torch.cat([first, noisy.topk(top_k - 1, dim=-1).indices], dim=1)
 
 
@@ -167,6 +198,10 @@ class MLPExperts(nn.Module):
         """x_sorted (tokens_sorted, dim) grouped by expert -> (tokens_sorted, out_dim)."""
         h = self.act_fn(grouped_linear(x_sorted, self.up_proj, tokens_per_expert, self.up_proj_bias))
         return grouped_linear(h, self.down_proj, tokens_per_expert, self.down_proj_bias)
+
+    def forward_each(self, x: Tensor, experts: list[int]) -> list[Tensor]:
+        """Each of `experts` on the same rows x: `expert_forward` in turn."""
+        return [self.expert_forward(e, x) for e in experts]
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x (tokens, dim) with plain F.linear: the reference path."""
@@ -220,6 +255,30 @@ class GatedMLPExperts(nn.Module):
         """Expert e on x (tokens, dim) with plain F.linear: the reference path."""
         gate, up = F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e])
         return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+    def forward_each(self, x: Tensor, experts: list[int]) -> list[Tensor]:
+        """Each of `experts` on the same rows x without grad (a decode step), `expert_forward`'s values: the
+        gate and up matmuls of all first, then the small elementwise ops together, then the down matmuls (each
+        small op after a matmul that cycled the caches costs microseconds)."""
+        act_fn = _IN_PLACE_FORM.get(type(self.act_fn), self.act_fn)  # the module call costs more than silu
+        weights = [self._expert_weights()[e] for e in experts]
+        gates_ups = [(F.linear(x, gate), F.linear(x, up)) for gate, up, _ in weights]
+        hidden = [act_fn(gate).mul_(up) for gate, up in gates_ups]
+        return [F.linear(h, down) for h, (_, _, down) in zip(hidden, weights)]
+
+    def _expert_weights(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(gate, up, down) weight views per expert, without autograd, made once while the three parameters keep
+        their storage (three views cost a decode step microseconds); `_apply` (.to, .float, ...) drops them."""
+        params = (self.gate_proj, self.up_proj, self.down_proj)
+        key = tuple((id(p), p.data_ptr(), p.shape) for p in params)
+        cached = self.__dict__.get("_weight_views")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_weight_views"] = (key, list(zip(*(p.detach().unbind(0) for p in params))))
+        return cached[1]
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_weight_views", None)  # views of the old storage would keep it alive
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int) -> "GatedMLPExperts":
@@ -354,6 +413,20 @@ def _touched_experts(x: Tensor, indices: Tensor, experts: nn.Module, kept: Tenso
     return y, counts
 
 
+def dispatch_one_token(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
+    """`dispatch`'s output for one token (1, dim) without grad, as decoding calls it, to the last bit: each chosen
+    expert's output (a new tensor) weighted and summed in place, no grouping (at this size each torch op costs
+    more than its arithmetic)."""
+    chosen, weights = router_output.indices.tolist()[0], router_output.weights.tolist()[0]
+    outputs = experts.forward_each(x, chosen)
+    if outputs[0].dtype != router_output.weights.dtype:  # autocast: the weights rounded as dispatch rounds them
+        weights = router_output.weights.to(outputs[0].dtype).tolist()[0]
+    out = outputs[0].mul_(weights[0])
+    for y, weight in zip(outputs[1:], weights[1:]):
+        out.add_(y.mul_(weight))
+    return out
+
+
 def dispatch_reference(x: Tensor, router_output: RouterOutput, experts: nn.Module) -> Tensor:
     """Naive oracle (tests only): every expert on every token, weighted by a dense combine matrix."""
     combine = torch.zeros_like(router_output.probs, dtype=x.dtype)  # (tokens, num_experts)
@@ -395,7 +468,8 @@ class MoELayer(nn.Module):
         self.balance_count = balance_count
         self.track_stats = True
         counts = torch.zeros(router.num_experts, dtype=torch.long)
-        self.register_buffer("expert_token_counts", counts, persistent=False)
+        self.register_buffer("routed_token_counts", counts, persistent=False)  # read expert_token_counts
+        self._decode_choices: list[int] = []  # experts of one-token calls not yet added to the counts
         self.register_buffer("dropped_token_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -404,25 +478,32 @@ class MoELayer(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is None:
             return None
-        scaled = _float32(_float32(factor * self.router.top_k) * _float32(num_tokens / self.router.num_experts))
+        scaled = float32(float32(factor * self.router.top_k) * float32(num_tokens / self.router.num_experts))
         return max(self.min_capacity, math.ceil(scaled))
 
     def forward(self, x: Tensor) -> MoEOutput:
         """x (..., dim) -> MoEOutput with hidden_states (..., out_dim)."""
-        flat = x.reshape(-1, x.shape[-1])  # (tokens, dim)
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (tokens, dim)
         routing = self.router(flat)
-        kept = self._kept(routing)
-        if kept is not None:
-            renormalize = self.router.normalize_top_k
-            routing = dataclasses.replace(routing, weights=weights_over_kept(routing.weights, kept,
-                                                                             renormalize=renormalize))
-        out, tokens_per_expert = dispatch(flat, routing, self.experts, kept)
+        if flat.shape[0] == 1 and not torch.is_grad_enabled():  # one decode token: a capacity (>= 1) keeps it
+            dropped = 0
+            if self.track_stats:
+                self._decode_choices += routing.indices.tolist()[0]
+            out = dispatch_one_token(flat, routing, self.experts)
+        else:
+            kept = self._kept(routing)
+            if kept is not None:
+                renormalize = self.router.normalize_top_k
+                routing = dataclasses.replace(routing, weights=weights_over_kept(routing.weights, kept,
+                                                                                 renormalize=renormalize))
+            out, tokens_per_expert = dispatch(flat, routing, self.experts, kept)
+            dropped = 0 if kept is None else int(kept.numel() - kept.sum())
+            if self.track_stats:
+                self._count(tokens_per_expert, dropped)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        dropped = 0 if kept is None else int(kept.numel() - kept.sum())
-        if self.track_stats:
-            self._count(tokens_per_expert, dropped)
-        return MoEOutput(out.reshape(*x.shape[:-1], out.shape[-1]), routing, dropped, self.balance_count)
+        out = out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+        return MoEOutput(out, routing, dropped, self.balance_count)
 
     def _kept(self, routing: RouterOutput) -> Tensor | None:
         """Capacity mask of this call's assignments (None without a capacity limit)."""
@@ -436,21 +517,28 @@ class MoELayer(nn.Module):
             priority = uniform.gather(1, routing.indices)
         return capacity_mask(routing.indices, self.router.num_experts, capacity, priority)
 
+    @property
+    def expert_token_counts(self) -> Tensor:
+        """Tokens routed to each expert since the last reset_stats, drops included: (num_experts,) int64, the
+        `routed_token_counts` buffer with the one-token calls' choices added on reading (a decode step keeps
+        them in a Python list: two small torch ops cost it more than the list)."""
+        if self._decode_choices:
+            choices = torch.tensor(self._decode_choices, device=self.routed_token_counts.device)
+            self.routed_token_counts += torch.bincount(choices, minlength=self.router.num_experts)
+            self._decode_choices.clear()
+        return self.routed_token_counts
+
     def _count(self, tokens_per_expert: Tensor, dropped: int) -> None:
         """Add a call's counts (integer tensors: no autograd to turn off, and a no_grad context costs more)."""
-        self.expert_token_counts += tokens_per_expert
+        self.routed_token_counts += tokens_per_expert
         if dropped:
             self.dropped_token_count += dropped
 
     def reset_stats(self) -> None:
         """Zero the accumulated expert_token_counts and dropped_token_count."""
-        self.expert_token_counts.zero_()
+        self._decode_choices.clear()
+        self.routed_token_counts.zero_()
         self.dropped_token_count.zero_()
-
-
-def _float32(value: float) -> float:
-    """`value` rounded to float32 (a product of two float32 values is exact in float64, so this rounds it once)."""
-    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @contextlib.contextmanager
