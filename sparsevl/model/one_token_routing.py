@@ -31,7 +31,6 @@ def float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-
 def gumbel_uniform(draws: list[float]) -> array.array:
     """u = tiny + draw x span for U(0, 1) fp32 draws, as torch's fp32 mul_ then add_ give it. The binary64 product
     is exact and adding tiny to it changes it only where it is 0, so one rounding to fp32 (an "f" array's) gives
