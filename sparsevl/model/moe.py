@@ -261,7 +261,8 @@ class GatedMLPExperts(nn.Module):
         gate and up matmuls of all first, then the small elementwise ops together, then the down matmuls (each
         small op after a matmul that cycled the caches costs microseconds)."""
         act_fn = _IN_PLACE_FORM.get(type(self.act_fn), self.act_fn)  # the module call costs more than silu
-        weights = [self._expert_weights()[e] for e in experts]
+        views = self._expert_weights()
+        weights = [views[e] for e in experts]
         gates_ups = [(F.linear(x, gate), F.linear(x, up)) for gate, up, _ in weights]
         hidden = [act_fn(gate).mul_(up) for gate, up in gates_ups]
         return [F.linear(h, down) for h, (_, _, down) in zip(hidden, weights)]
